@@ -1,0 +1,38 @@
+# A newcomer runs `make serve` or `make test`; both build .venv and install everything first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint bench devices golden clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+		{ echo "fpgaserve needs Python 3.11 or newer; run: make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+serve: $(STAMP)
+	@echo "fpgaserve: the gRPC server arrives in Step 4. 'make serve' will then build the default"
+	@echo "model (ResNet-50, msfp16) and serve it on port 8500 with the emulator as device."
+	@echo "Devices this machine can use now:"
+	@$(BIN)/fpgaserve devices
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/resnet50_layers.py --batch 1 8
+
+golden: $(STAMP)
+	$(BIN)/python tests/golden/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

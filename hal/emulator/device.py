@@ -1,0 +1,106 @@
+"""The NumPy emulator device: the default HAL device when no board is present."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..device import Device, DeviceInfo, LoadedProgram
+from ..formats import FORMATS
+from ..program import MATRIX_OPS, Op, Program, Shape
+from . import vector_unit as vu
+from .heap import retain_freed_memory
+from .matrix_unit import Geometry, conv2d, dense, prepare_weights
+
+Kernel = Callable[[Op, list[np.ndarray], Any], np.ndarray]
+
+
+def _conv2d(op: Op, args: list[np.ndarray], weights: Any) -> np.ndarray:
+    out = conv2d(args[0], weights, Geometry.from_attrs(op.attrs))
+    return vu.epilogue(out, op.params, op.attrs.get("activation", "linear"))
+
+
+def _dense(op: Op, args: list[np.ndarray], weights: Any) -> np.ndarray:
+    out = dense(args[0], weights)
+    return vu.epilogue(out, op.params, op.attrs.get("activation", "linear"))
+
+
+def _add(op: Op, args: list[np.ndarray], _: Any) -> np.ndarray:
+    return vu.activation(vu.add(args[0], args[1]), op.attrs.get("activation", "linear"))
+
+
+def _pool(function: Callable) -> Kernel:
+    def run(op: Op, args: list[np.ndarray], _: Any) -> np.ndarray:
+        a = op.attrs
+        return function(args[0], tuple(a["pool"]), tuple(a["strides"]), tuple(a["padding"]))
+
+    return run
+
+
+_KERNELS: dict[str, Kernel] = {
+    "conv2d": _conv2d,
+    "dense": _dense,
+    "bias": lambda op, args, _: vu.bias(args[0], op.params["bias"]),
+    "scale_shift": lambda op, args, _: vu.scale_shift(
+        args[0], op.params["scale"], op.params["shift"]
+    ),
+    "relu": lambda op, args, _: vu.relu(args[0]),
+    "relu6": lambda op, args, _: vu.relu6(args[0]),
+    "add": _add,
+    "max_pool": _pool(vu.max_pool),
+    "avg_pool": _pool(vu.avg_pool),
+    "global_avg_pool": lambda op, args, _: vu.global_avg_pool(args[0]),
+    "global_max_pool": lambda op, args, _: vu.global_max_pool(args[0]),
+    "concat": lambda op, args, _: vu.concat(args),
+    "zero_pad": lambda op, args, _: vu.zero_pad(args[0], tuple(op.attrs["padding"])),
+    "flatten": lambda op, args, _: vu.flatten(args[0]),
+}
+
+
+class EmulatorDevice(Device):
+    """Bit-accurate emulation of docs/datapath.md in vectorised NumPy."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            DeviceInfo(
+                name="emulator",
+                backend="emulator",
+                kind="EMULATOR",
+                description=f"NumPy {np.__version__} emulation of datapath 1 "
+                f"on {platform.machine()}",
+                formats=tuple(FORMATS),
+            )
+        )
+
+    def open(self) -> None:
+        retain_freed_memory()
+        super().open()
+
+    def _load(self, program: Program, shapes: dict[str, Shape]) -> Any:
+        """Lay weights out for the GEMM once, and note when each tensor can be freed."""
+        weights = [
+            prepare_weights(op.params["weight"], int(op.attrs.get("groups", 1)))
+            if op.kind in MATRIX_OPS
+            else None
+            for op in program.ops
+        ]
+        last_use = {name: len(program.ops) for name in program.outputs}
+        for index, op in enumerate(program.ops):
+            for name in op.inputs:
+                last_use.setdefault(name, index)
+                last_use[name] = max(last_use[name], index)
+        return weights, last_use
+
+    def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        weights, last_use = loaded.state
+        tensors = dict(inputs)
+        for index, op in enumerate(loaded.program.ops):
+            args = [tensors[name] for name in op.inputs]
+            tensors[op.output] = _KERNELS[op.kind](op, args, weights[index])
+            for name in op.inputs:
+                if last_use.get(name) == index:
+                    tensors.pop(name, None)
+        return {name: tensors[name] for name in loaded.program.outputs}

@@ -1,0 +1,34 @@
+"""Shared test helpers: bit-level comparison and format tuples for the scalar reference."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from hypothesis import settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# CI replays the same examples every run; developers' runs keep exploring new ones.
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=40, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a, e = bits(actual), bits(expected)
+    if not np.array_equal(a, e):
+        where = np.argwhere(a != e)[:5]
+        detail = [
+            (tuple(int(v) for v in i), float(actual[tuple(i)]), float(expected[tuple(i)]))
+            for i in where
+        ]
+        raise AssertionError(f"{int((a != e).sum())} elements differ, first: {detail}")
