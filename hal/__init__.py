@@ -12,12 +12,14 @@ from .errors import (
 )
 from .formats import FORMATS, BlockFormat, FloatFormat, get_format
 from .numerics import BlockTensor, canonicalize, quantize
-from .program import Op, Program
+from .program import MATRIX_OPS, Op, Program
+from .program_file import load_program, save_program
 from .registry import DEFAULT_DEVICE, list_devices, open_device
 
 __all__ = [
     "DEFAULT_DEVICE",
     "FORMATS",
+    "MATRIX_OPS",
     "BlockFormat",
     "BlockTensor",
     "Device",
@@ -35,6 +37,8 @@ __all__ = [
     "canonicalize",
     "get_format",
     "list_devices",
+    "load_program",
     "open_device",
     "quantize",
+    "save_program",
 ]

@@ -43,6 +43,7 @@ class Program:
     outputs: tuple[str, ...]
     ops: list[Op]
     datapath_version: int = DATAPATH_VERSION
+    metadata: dict[str, str] = field(default_factory=dict)  # provenance: model, weights, versions
 
     def shapes(self) -> dict[str, Shape]:
         """Validate every op and return the per-sample shape of every tensor."""
@@ -208,7 +209,7 @@ def _pool(op: Op, inputs: list[Shape], fmt: Any) -> Shape:
 
 def _global_pool(op: Op, inputs: list[Shape], fmt: Any) -> Shape:
     _expect_inputs(inputs, 1, 3)
-    return (inputs[0][2],)
+    return (1, 1, inputs[0][2]) if op.attrs.get("keepdims", False) else (inputs[0][2],)
 
 
 def _concat(op: Op, inputs: list[Shape], fmt: Any) -> Shape:

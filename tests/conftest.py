@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -15,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
 
 
 def bits(x: np.ndarray) -> np.ndarray:
@@ -32,3 +32,18 @@ def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
             for i in where
         ]
         raise AssertionError(f"{int((a != e).sum())} elements differ, first: {detail}")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGENET = Path(
+    os.environ.get("FPGASERVE_IMAGENET_DIR", ROOT.parent / "shared" / "data" / "imagenet")
+)
+MOBILENET_WEIGHTS = IMAGENET / "mobilenet_0.75_224_imagenet.h5"
+
+
+@pytest.fixture(scope="session")
+def imagenet() -> Path:
+    """Real ImageNet assets (shared/data/imagenet, or $FPGASERVE_IMAGENET_DIR)."""
+    if not MOBILENET_WEIGHTS.is_file():
+        pytest.skip(f"real ImageNet assets not found at {IMAGENET} (set FPGASERVE_IMAGENET_DIR)")
+    return IMAGENET

@@ -40,6 +40,14 @@ def _pool(function: Callable) -> Kernel:
     return run
 
 
+def _global(function: Callable) -> Kernel:
+    def run(op: Op, args: list[np.ndarray], _: Any) -> np.ndarray:
+        out = function(args[0])
+        return out.reshape(-1, 1, 1, out.shape[1]) if op.attrs.get("keepdims", False) else out
+
+    return run
+
+
 _KERNELS: dict[str, Kernel] = {
     "conv2d": _conv2d,
     "dense": _dense,
@@ -52,8 +60,8 @@ _KERNELS: dict[str, Kernel] = {
     "add": _add,
     "max_pool": _pool(vu.max_pool),
     "avg_pool": _pool(vu.avg_pool),
-    "global_avg_pool": lambda op, args, _: vu.global_avg_pool(args[0]),
-    "global_max_pool": lambda op, args, _: vu.global_max_pool(args[0]),
+    "global_avg_pool": _global(vu.global_avg_pool),
+    "global_max_pool": _global(vu.global_max_pool),
     "concat": lambda op, args, _: vu.concat(args),
     "zero_pad": lambda op, args, _: vu.zero_pad(args[0], tuple(op.attrs["padding"])),
     "flatten": lambda op, args, _: vu.flatten(args[0]),
