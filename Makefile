@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/resnet50_layers.py --batch 1 8
+	$(BIN)/python bench/resnet50_model.py --batch 1 8
+	$(BIN)/python bench/zoo_fidelity.py
+	$(BIN)/python bench/accuracy.py
 
 golden: $(STAMP)
 	$(BIN)/python tests/golden/generate.py

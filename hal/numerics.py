@@ -20,13 +20,16 @@ _INF_BITS = np.uint32(0x7F800000)
 
 def canonicalize(x: np.ndarray) -> np.ndarray:
     """Section 5.1: NaN -> 0x7FC00000, |x| < FLT_MIN (subnormals, -0.0) -> +0.0."""
-    x = np.asarray(x, dtype=np.float32)
-    magnitude = np.abs(x)
-    out = np.where(magnitude < FLT_MIN, np.float32(0.0), x)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = CANONICAL_NAN
-    return out
+    return canonicalize_in_place(np.array(x, dtype=np.float32))
+
+
+def canonicalize_in_place(x: np.ndarray) -> np.ndarray:
+    """``canonicalize`` on an array the caller owns (float32): two passes in the common case."""
+    np.copyto(x, np.float32(0.0), where=np.abs(x) < FLT_MIN)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isnan(x.sum(dtype=np.float32)):  # NaN, or Inf - Inf: then look element-wise
+            np.copyto(x, CANONICAL_NAN, where=np.isnan(x))
+    return x
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,9 @@ def _shifted_terms(
 
 
 def flush_to_zero(x: np.ndarray) -> np.ndarray:
-    """FTZ alone, for results that cannot be NaN (matrix-unit sums of finite terms)."""
-    return np.where(np.abs(x) < FLT_MIN, np.float32(0.0), x)
+    """FTZ alone, in place, for results that cannot be NaN (matrix-unit sums of finite terms)."""
+    np.copyto(x, np.float32(0.0), where=np.abs(x) < FLT_MIN)
+    return x
 
 
 def reciprocal(count: int) -> np.float32:

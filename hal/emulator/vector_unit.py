@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..numerics import canonicalize, reciprocal
+from ..numerics import canonicalize, canonicalize_in_place, reciprocal
 from ..program import conv_output_size
 
 Window = tuple[int, int]
@@ -20,22 +20,24 @@ ieee = np.errstate(over="ignore", invalid="ignore")
 
 @ieee
 def bias(x: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return canonicalize(x + b)
+    return canonicalize_in_place(x + b)
 
 
 @ieee
 def scale_shift(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Folded batch norm: two roundings, never an FMA (section 5.2)."""
-    return canonicalize(canonicalize(x * scale) + shift)
+    product = canonicalize_in_place(x * scale)
+    return canonicalize_in_place(np.add(product, shift, out=product))
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    return np.where((x > 0) | np.isnan(x), x, np.float32(0.0))
+    """max(x, +0): NumPy's maximum keeps NaN operands, and inputs are canonical (no -0.0)."""
+    return np.maximum(x, np.float32(0.0))
 
 
 def relu6(x: np.ndarray) -> np.ndarray:
     y = relu(x)
-    return np.where(y > 6, np.float32(6.0), y)
+    return np.minimum(y, np.float32(6.0), out=y)
 
 
 def activation(x: np.ndarray, name: str) -> np.ndarray:
@@ -48,7 +50,7 @@ def activation(x: np.ndarray, name: str) -> np.ndarray:
 
 @ieee
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return canonicalize(a + b)
+    return canonicalize_in_place(a + b)
 
 
 def epilogue(x: np.ndarray, params: dict, activation_name: str) -> np.ndarray:
@@ -101,14 +103,15 @@ def avg_pool(x: np.ndarray, pool: Window, strides: Window, padding: Padding) -> 
     """
     views, (out_h, out_w) = _window_slices(x, pool, strides, padding, 0.0)
     total = views[0]
+    total = np.array(total)
     for view in views[1:]:
-        total = canonicalize(total + view)
+        total = canonicalize_in_place(np.add(total, view, out=total))
     rows = _valid_counts(x.shape[1], pool[0], strides[0], padding[0], out_h)
     cols = _valid_counts(x.shape[2], pool[1], strides[1], padding[2], out_w)
     counts = np.outer(rows, cols)
     table = {int(n): reciprocal(int(n)) for n in np.unique(counts)}
     factors = np.vectorize(table.__getitem__, otypes=[np.float32])(counts)
-    return canonicalize(total * factors[None, :, :, None])
+    return canonicalize_in_place(np.multiply(total, factors[None, :, :, None], out=total))
 
 
 def global_avg_pool(x: np.ndarray) -> np.ndarray:
