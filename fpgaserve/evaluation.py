@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from fpgaserve.compiler import CompiledModel
+from fpgaserve.compiler import CompiledModel, compile_model
 from fpgaserve.hal import Device
 from fpgaserve.preprocessing import preprocess
 
@@ -67,3 +67,20 @@ def run_compiled(
 
 def run_float(model: keras.Model, inputs: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict(inputs, verbose=0, batch_size=32))
+
+
+def cross_calibrated(
+    model: keras.Model, fmt: str, device: Device, inputs: np.ndarray, per_fold: int
+) -> np.ndarray:
+    """Probabilities from bias-corrected programs, two-fold: the program calibrated on the
+    even-numbered inputs scores the odd ones and vice versa, so no input scores itself."""
+    probabilities = None
+    index = np.arange(len(inputs))
+    for calibrate, score in ((index % 2 == 0, index % 2 == 1), (index % 2 == 1, index % 2 == 0)):
+        compiled = compile_model(model, fmt, progress=False,
+                                 calibration=inputs[calibrate][:per_fold])  # fmt: skip
+        scored = run_compiled(compiled, device, inputs[score])
+        if probabilities is None:
+            probabilities = np.zeros((len(inputs), scored.shape[1]), scored.dtype)
+        probabilities[score] = scored
+    return probabilities

@@ -11,13 +11,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras = pytest.importorskip("keras")
 
 from conftest import MOBILENET_WEIGHTS  # noqa: E402
+from fpgaserve.compiler import compile_model  # noqa: E402
 from fpgaserve.compiler.zoo import (  # noqa: E402
     ZOO,
     WeightsUnavailableError,
     build_zoo_model,
     compile_zoo_model,
 )
-from fpgaserve.evaluation import Scores, load_labelled_images, run_compiled, run_float  # noqa: E402
+from fpgaserve.evaluation import (  # noqa: E402
+    Scores,
+    cross_calibrated,
+    load_labelled_images,
+    run_compiled,
+    run_float,
+)
 from fpgaserve.hal import open_device  # noqa: E402
 
 EXPECTED_CUT = {"resnet50": "avg_pool", "resnet152": "avg_pool", "densenet121": "avg_pool",
@@ -66,19 +73,20 @@ def test_weights_must_be_named_explicitly(tmp_path):
 
 @pytest.mark.slow
 def test_real_accuracy_of_mobilenet(imagenet):
-    """200 labelled photos: fp32 is the float model; msfp16 stays close (figures in
-    docs/benchmarks.md). The thresholds guard against regressions, not the issue's goals."""
+    """200 labelled photos. fp32 is the float model; msfp16 with bias correction (two-fold
+    cross-calibrated, so no photo scores itself) meets the issue's goals: at most 0.5 points of
+    top-1 lost and >= 98% top-1 agreement (measured 98.0%; the test allows one photo of slack
+    for BLAS differences in the float calibration pass). Figures: docs/benchmarks.md."""
     images = load_labelled_images(imagenet, "tf")
-    with open_device() as device:
-        results = {}
-        for fmt in ("fp32", "msfp16"):
-            compiled, model = compile_zoo_model("mobilenet_0.75", str(MOBILENET_WEIGHTS), fmt,
-                                                progress=False)  # fmt: skip
-            results[fmt] = Scores.from_probabilities(
-                run_compiled(compiled, device, images.inputs), images.labels
-            )
+    model, _ = build_zoo_model("mobilenet_0.75", str(MOBILENET_WEIGHTS))
     reference = Scores.from_probabilities(run_float(model, images.inputs), images.labels)
     assert reference.top1 > 0.8 and reference.top5 > 0.95  # the real weights are real
-    assert np.array_equal(results["fp32"].predictions, reference.predictions)
-    agreement = np.mean(results["msfp16"].predictions == reference.predictions)
-    assert agreement >= 0.9 and results["msfp16"].top1 >= reference.top1 - 0.03
+    with open_device() as device:
+        fp32 = compile_model(model, "fp32", progress=False)
+        exact = Scores.from_probabilities(run_compiled(fp32, device, images.inputs), images.labels)
+        corrected = Scores.from_probabilities(
+            cross_calibrated(model, "msfp16", device, images.inputs, 100), images.labels
+        )
+    assert np.array_equal(exact.predictions, reference.predictions)
+    agreement = np.mean(corrected.predictions == reference.predictions)
+    assert agreement >= 0.975 and corrected.top1 >= reference.top1 - 0.005

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
+import numpy as np
 from tqdm import tqdm
 
 from fpgaserve import __version__
 from fpgaserve.hal import MATRIX_OPS, Program, get_format, quantize
 
+from .calibrate import correct_biases
 from .graph import UnsupportedModelError, build_head, find_cut, model_graph
 from .lowering import fuse, lower_node, resolve_aliases
 
@@ -40,8 +42,13 @@ def compile_model(
     cut: str | None = None,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
+    calibration: np.ndarray | None = None,
 ) -> CompiledModel:
-    """Lower, fuse and quantize; ``cut`` names the last layer of the featurizer."""
+    """Lower, fuse and quantize; ``cut`` names the last layer of the featurizer.
+
+    ``calibration`` (a batch of preprocessed inputs) enables bias correction of quantized
+    formats (compiler/calibrate.py); it only changes float biases.
+    """
     fmt = get_format(format)
     model = load_keras_model(source)
     graph = model_graph(model)
@@ -66,16 +73,25 @@ def compile_model(
             ops.extend(lower_node(node, shapes))
     outputs = [cut]
     ops = fuse(resolve_aliases(ops, outputs), tuple(outputs))
-    matrix_ops = [op for op in ops if op.kind in MATRIX_OPS]
+    info: dict[str, str] = {}
+    float_ops = [replace(op, attrs=dict(op.attrs), params=dict(op.params)) for op in ops]
     if fmt.quantized:
+        matrix_ops = [op for op in ops if op.kind in MATRIX_OPS]
         for op in tqdm(matrix_ops, desc=f"quantizing to {fmt.name}", unit="layer",
                        disable=not progress):  # fmt: skip
             op.params["weight"] = quantize(op.params["weight"], fmt)
+    if calibration is not None and fmt.quantized:
+        (input_name,) = inputs
+        float_program = Program("fp32", inputs, tuple(outputs), float_ops)
+        quantized = Program(fmt.name, inputs, tuple(outputs), ops)
+        correct_biases(float_program, quantized, {input_name: calibration}, progress)
+        info["bias_correction"] = f"{len(calibration)} calibration inputs"
     info = {
         "model": model.name,
         "cut": cut,
         "fpgaserve_version": __version__,
         "keras_version": keras.__version__,
+        **info,
         **(metadata or {}),
     }
     program = Program(fmt.name, inputs, tuple(outputs), ops, metadata=info)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from .compile import CompiledModel, compile_model
 
@@ -91,14 +92,22 @@ def build_zoo_model(name: str, weights: str = "imagenet", seed: int = 0) -> tupl
 
 
 def compile_zoo_model(
-    name: str, weights: str = "imagenet", format: str = "msfp16", progress: bool = True
+    name: str,
+    weights: str = "imagenet",
+    format: str = "msfp16",
+    progress: bool = True,
+    calibration: np.ndarray | None = None,
 ) -> tuple[CompiledModel, keras.Model]:
-    """Build and compile a zoo model; returns the compiled model and the Keras original."""
+    """Build and compile a zoo model; returns the compiled model and the Keras original.
+
+    ``calibration``: preprocessed images for bias correction (see compiler/calibrate.py).
+    """
     model, provenance = build_zoo_model(name, weights)
     compiled = compile_model(
         model,
         format=format,
         progress=progress,
         metadata={"zoo_model": name, "weights": provenance, "preprocess": ZOO[name].preprocess},
+        calibration=calibration,
     )
     return compiled, model

@@ -29,7 +29,8 @@ def _dense(op: Op, args: list[np.ndarray], weights: Any) -> np.ndarray:
 
 
 def _add(op: Op, args: list[np.ndarray], _: Any) -> np.ndarray:
-    return vu.activation(vu.add(args[0], args[1]), op.attrs.get("activation", "linear"))
+    total = vu.add(args[0], args[1])
+    return vu.activation(total, op.attrs.get("activation", "linear"), out=total)
 
 
 def _pool(function: Callable) -> Kernel:

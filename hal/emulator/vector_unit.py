@@ -18,33 +18,38 @@ Padding = tuple[int, int, int, int]
 ieee = np.errstate(over="ignore", invalid="ignore")
 
 
-@ieee
-def bias(x: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return canonicalize_in_place(x + b)
+# ``out=x`` lets a caller that owns ``x`` (a fresh matrix-unit result) work in place.
 
 
 @ieee
-def scale_shift(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def bias(x: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return canonicalize_in_place(np.add(x, b, out=out))
+
+
+@ieee
+def scale_shift(
+    x: np.ndarray, scale: np.ndarray, shift: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """Folded batch norm: two roundings, never an FMA (section 5.2)."""
-    product = canonicalize_in_place(x * scale)
+    product = canonicalize_in_place(np.multiply(x, scale, out=out))
     return canonicalize_in_place(np.add(product, shift, out=product))
 
 
-def relu(x: np.ndarray) -> np.ndarray:
+def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """max(x, +0): NumPy's maximum keeps NaN operands, and inputs are canonical (no -0.0)."""
-    return np.maximum(x, np.float32(0.0))
+    return np.maximum(x, np.float32(0.0), out=out)
 
 
-def relu6(x: np.ndarray) -> np.ndarray:
-    y = relu(x)
+def relu6(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    y = relu(x, out=out)
     return np.minimum(y, np.float32(6.0), out=y)
 
 
-def activation(x: np.ndarray, name: str) -> np.ndarray:
+def activation(x: np.ndarray, name: str, out: np.ndarray | None = None) -> np.ndarray:
     if name == "relu":
-        return relu(x)
+        return relu(x, out=out)
     if name == "relu6":
-        return relu6(x)
+        return relu6(x, out=out)
     return x
 
 
@@ -54,12 +59,13 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def epilogue(x: np.ndarray, params: dict, activation_name: str) -> np.ndarray:
-    """Section 5.3: bias, then scale_shift, then the activation."""
+    """Section 5.3: bias, then scale_shift, then the activation; ``x`` is the caller's own
+    fresh matrix-unit result, so every step runs in place."""
     if "bias" in params:
-        x = bias(x, params["bias"])
+        x = bias(x, params["bias"], out=x)
     if "scale" in params:
-        x = scale_shift(x, params["scale"], params["shift"])
-    return activation(x, activation_name)
+        x = scale_shift(x, params["scale"], params["shift"], out=x)
+    return activation(x, activation_name, out=x)
 
 
 def _window_slices(
