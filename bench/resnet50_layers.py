@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import time
 import tracemalloc
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf
+from timing import best_time
 
 from fpgaserve.hal import get_format, open_device, quantize
 from fpgaserve.hal.emulator.matrix_unit import Geometry, conv2d, prepare_weights
@@ -70,16 +70,6 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
-
-
-def best_time(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def time_layer(layer: Layer, fmt, batch: int, repeats: int, rng) -> tuple[float, float]:

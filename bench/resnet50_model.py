@@ -17,20 +17,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+from timing import best_time
 
 from fpgaserve.compiler import compile_model
 from fpgaserve.compiler.zoo import build_zoo_model
 from fpgaserve.hal import open_device
-
-
-def best_time(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

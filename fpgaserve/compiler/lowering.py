@@ -63,45 +63,38 @@ def _with_activation(layer, op: Op) -> list[Op]:
     return [op, *follow]
 
 
-def _conv2d(node: Node, shapes: dict[str, Shape]) -> list[Op]:
+def _conv_op(node: Node, shapes: dict[str, Shape], weight: np.ndarray, groups: int) -> list[Op]:
+    """A conv2d op for a Keras convolution whose weight is already (filters, kh * kw * cg)."""
     layer, shape = node.layer, shapes[node.inputs[0]]
     if len(shape) != 3:
         raise UnsupportedModelError(f"layer {layer.name!r}: conv needs an HxWxC input")
-    kernel = layer.kernel.numpy()  # (kh, kw, cin / groups, filters)
-    kh, kw, _, filters = kernel.shape
-    groups = int(getattr(layer, "groups", 1))
+    kh, kw = layer.kernel_size
     attrs = {
         "kernel": [kh, kw],
         "strides": list(layer.strides),
         "dilation": list(layer.dilation_rate),
         "padding": _padding(layer, shape, (kh, kw), layer.strides, layer.dilation_rate),
         "groups": groups,
-        "filters": filters,
+        "filters": weight.shape[0],
         "activation": "linear",
     }
-    params = {"weight": _f32(kernel.transpose(3, 0, 1, 2).reshape(filters, -1))}
+    params = {"weight": _f32(weight)}
     if layer.use_bias:
         params["bias"] = _f32(layer.bias.numpy())
     return _with_activation(layer, Op("conv2d", layer.name, node.inputs, layer.name, attrs, params))
+
+
+def _conv2d(node: Node, shapes: dict[str, Shape]) -> list[Op]:
+    kernel = node.layer.kernel.numpy()  # (kh, kw, cin / groups, filters)
+    weight = kernel.transpose(3, 0, 1, 2).reshape(kernel.shape[3], -1)
+    return _conv_op(node, shapes, weight, int(getattr(node.layer, "groups", 1)))
 
 
 def _depthwise(node: Node, shapes: dict[str, Shape]) -> list[Op]:
-    layer, shape = node.layer, shapes[node.inputs[0]]
-    kernel = layer.kernel.numpy()  # (kh, kw, channels, multiplier)
-    kh, kw, channels, multiplier = kernel.shape
-    attrs = {
-        "kernel": [kh, kw],
-        "strides": list(layer.strides),
-        "dilation": list(layer.dilation_rate),
-        "padding": _padding(layer, shape, (kh, kw), layer.strides, layer.dilation_rate),
-        "groups": channels,
-        "filters": channels * multiplier,
-        "activation": "linear",
-    }
-    params = {"weight": _f32(kernel.transpose(2, 3, 0, 1).reshape(channels * multiplier, -1))}
-    if layer.use_bias:
-        params["bias"] = _f32(layer.bias.numpy())
-    return _with_activation(layer, Op("conv2d", layer.name, node.inputs, layer.name, attrs, params))
+    kernel = node.layer.kernel.numpy()  # (kh, kw, channels, multiplier)
+    channels, multiplier = kernel.shape[2:]
+    weight = kernel.transpose(2, 3, 0, 1).reshape(channels * multiplier, -1)
+    return _conv_op(node, shapes, weight, channels)
 
 
 def _dense(node: Node, shapes: dict[str, Shape]) -> list[Op]:
