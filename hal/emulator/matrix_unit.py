@@ -139,6 +139,25 @@ def _nan_outputs(nan: np.ndarray, geometry: Geometry, out_hw, filters: int) -> n
     return np.repeat(window, filters // g, axis=-1)
 
 
+def _round_to_float32(
+    acc: np.ndarray, act_floor: np.ndarray, weight_floor: np.ndarray, mantissa_bits: int
+) -> np.ndarray:
+    """Section 4.1's one rounding of ``acc * 2^(La + Lw - 2(M-1))``, then FTZ.
+
+    The scaling is exact in float64 (|exponent| < 300) and fused with the cast into one pass.
+    A nonzero integer sum is at least 2^exponent, so when no exponent reaches below -126 no
+    result can be subnormal, and FTZ reduces to turning -0.0 into +0.0 (adding +0.0 does that).
+    """
+    exponent = act_floor[:, None] + weight_floor[None, :] - 2 * (mantissa_bits - 1)
+    scale = np.ldexp(1.0, exponent)[:, None, None, :]
+    out = np.empty(acc.shape, dtype=np.float32)
+    with np.errstate(over="ignore"):  # +-Inf is the defined result of overflow (section 4.1)
+        np.multiply(acc, scale, out=out, casting="same_kind")
+    if exponent.min() >= -126:
+        return np.add(out, np.float32(0.0), out=out)
+    return flush_to_zero(out)
+
+
 def conv2d(x: np.ndarray, weights: PreparedWeights, geometry: Geometry) -> np.ndarray:
     """Matrix-unit convolution of canonical NHWC float32 input: section 4 exactly."""
     n, height, width, _ = x.shape
@@ -162,15 +181,11 @@ def conv2d(x: np.ndarray, weights: PreparedWeights, geometry: Geometry) -> np.nd
         acc = np.matmul(columns, weights.terms)  # (groups, rows, F/groups)
         acc = acc.transpose(1, 0, 2).reshape(n, *out_hw, filters)
 
-    if act_floor is not None:
-        # value = acc * 2^(La + Lw - 2(M-1)): exact in float64 (|exponent| < 300), then the one
-        # rounding to float32.
-        exponent = act_floor[:, None] + weights.floor[None, :] - 2 * (fmt.mantissa_bits - 1)
-        acc *= np.ldexp(1.0, exponent)[:, None, None, :]
-    with np.errstate(over="ignore", invalid="ignore"):  # +-Inf (and fp32's Inf - Inf) are
-        out = acc.astype(np.float32)  # defined results (sections 4.1, 6), not accidents
-    # Quantized sums are finite float64, so only FTZ applies; fp32 BLAS sums may hold NaN.
-    out = flush_to_zero(out) if act_floor is not None else canonicalize(out)
+    if act_floor is None:  # fp32: BLAS sums may hold NaN (Inf - Inf), so full canonicalization
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = canonicalize(acc.astype(np.float32))
+    else:
+        out = _round_to_float32(acc, act_floor, weights.floor, fmt.mantissa_bits)
     if nan is not None:
         out[_nan_outputs(nan, geometry, out_hw, filters)] = np.nan
         out = canonicalize(out)
