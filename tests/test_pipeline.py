@@ -198,6 +198,23 @@ def test_symlinks_sizes_and_zip_bombs_are_refused(archive, tmp_path):
         Pipeline.load(not_zip)
 
 
+def test_stages_that_touch_files_are_refused(tmp_path):
+    from fpgaserve.pipeline import TensorflowStage, TensorSpec
+
+    victim = tmp_path / "written-by-archive.txt"
+
+    def sneaky(images):
+        tf.io.write_file(str(victim), images[0])
+        return tf.zeros((tf.shape(images)[0], 4))
+
+    stage = TensorflowStage("sneaky", sneaky, TensorSpec("images", "string", (None,)),
+                            TensorSpec("out", "float32", (None, 4)))  # fmt: skip
+    path = ModelDefinition("sneaky", [stage]).save(tmp_path / "sneaky.zip")
+    with pytest.raises(ArchiveError, match="uses TensorFlow op 'WriteFile'"):
+        Pipeline.load(path)
+    assert not victim.exists()
+
+
 def test_saving_refuses_miswired_stages(mobilenet, tmp_path):
     definition = ModelDefinition("broken")
     definition.pipeline.append(mobilenet.preprocessing())

@@ -9,8 +9,8 @@ Layout::
 Loading refuses, each with ``ArchiveError`` and a message saying what is wrong: an unreadable
 zip, an unknown schema version, members missing from or absent in the manifest, checksum or size
 mismatches, names that would escape the extraction folder (absolute, ``..``, backslashes, links),
-members or totals over the size limits, suspicious compression ratios (zip bombs), and stages
-whose tensors do not wire up.
+members or totals over the size limits, suspicious compression ratios (zip bombs), stages whose
+tensors do not wire up, and SavedModels whose serving graph reaches file-system or Python ops.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from google.protobuf.message import DecodeError
+from tensorflow.core.protobuf import saved_model_pb2
 
 from fpgaserve import __version__
 
@@ -256,8 +259,55 @@ def extract(path: str | Path, target: Path, limits: Limits = DEFAULT_LIMITS) -> 
         stages = _stage_specs(manifest)
         for name in sorted(members):
             _extract_member(archive, entries[name], members[name], target)
+    for stage in stages:
+        if stage["kind"] != "accelerator":
+            _check_saved_model(stage["name"], target / stage["path"])
     manifest["stages"] = stages
     return manifest
+
+
+# TensorFlow ops a serving graph has no business running: file-system access, Python callbacks,
+# readers and writers of files. A SavedModel is a program; these would let an archive touch the
+# server's disk. (Save/Restore ops also live in every SavedModel's checkpoint functions, which
+# is why only what the serving signature reaches is checked.)
+FORBIDDEN_OPS = frozenset({
+    "ReadFile", "WriteFile", "DeleteFile", "MatchingFiles", "PyFunc", "PyFuncStateless",
+    "EagerPyFunc", "SaveV2", "RestoreV2", "Save", "SaveSlices", "Restore", "RestoreSlice",
+    "MergeV2Checkpoints", "ShardedFilename", "TFRecordDataset", "TextLineDataset",
+    "FixedLengthRecordDataset", "CreateSummaryFileWriter", "WriteSummary", "ImmutableConst",
+    "LoadAndRemapMatrix",
+})  # fmt: skip
+
+
+def _check_saved_model(stage: str, folder: Path) -> None:
+    """Parse the SavedModel (protobuf, no code runs) and walk every function the serving
+    signature can reach; refuse forbidden ops before TensorFlow ever loads it."""
+
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString((folder / "saved_model.pb").read_bytes())
+        graph = saved.meta_graphs[0]
+        signature = graph.signature_def["serving_default"]
+    except (OSError, DecodeError, IndexError, KeyError):
+        raise ArchiveError(f"stage {stage!r}: not a SavedModel with a serving_default") from None
+    functions = {f.signature.name: f for f in graph.graph_def.library.function}
+    nodes = {node.name: node for node in graph.graph_def.node}
+    pending = [nodes[t.name.split(":")[0]] for t in signature.outputs.values()
+               if t.name.split(":")[0] in nodes]  # fmt: skip
+    seen: set[str] = set()
+    while pending:
+        node = pending.pop()
+        if node.op in FORBIDDEN_OPS:
+            raise ArchiveError(
+                f"stage {stage!r} uses TensorFlow op {node.op!r}, which a service definition "
+                "may not run (file access or Python code)"
+            )
+        for value in node.attr.values():
+            names = [value.func.name] if value.func.name else [f.name for f in value.list.func]
+            for name in names:
+                if name in functions and name not in seen:
+                    seen.add(name)
+                    pending.extend(functions[name].node_def)
 
 
 def _extract_member(archive, info: zipfile.ZipInfo, expected: dict, target: Path) -> None:
