@@ -1,0 +1,146 @@
+"""Host side of kernels/datapath.cl: build it for one OpenCL device and call its kernels.
+
+The first piece of the OpenCL backend (Step 6): each method runs one datapath operation on
+NumPy arrays, so the golden vectors and the emulator can check the kernels bit for bit. The
+device backend (program execution, buffers kept on the device, faults) builds on it.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+
+import numpy as np
+import pyopencl as cl
+
+from ..formats import BlockFormat
+from ..numerics import BlockTensor, reciprocal
+
+DEVICE_ENV = "FPGASERVE_OPENCL_DEVICE"
+
+
+def kernel_source() -> str:
+    return (files("fpgaserve.kernels") / "datapath.cl").read_text()
+
+
+def find_device(name: str | None = None) -> cl.Device:
+    """The first device whose "platform: device" name contains ``name`` (or $FPGASERVE_
+    OPENCL_DEVICE); without one, the first device with a compiler."""
+    wanted = (name or os.environ.get(DEVICE_ENV, "")).lower()
+    candidates = []
+    for platform in cl.get_platforms():
+        for device in platform.get_devices():
+            label = f"{platform.name}: {device.name}"
+            if wanted in label.lower() and (wanted or device.compiler_available):
+                candidates.append(device)
+    if not candidates:
+        raise LookupError(f"no OpenCL device matches {wanted!r}")
+    return candidates[0]
+
+
+class DatapathKernels:
+    """kernels/datapath.cl built from source for one device (FPGA binaries come in Step 6)."""
+
+    def __init__(self, device: cl.Device) -> None:
+        self.device = device
+        self.context = cl.Context([device])
+        self.queue = cl.CommandQueue(self.context)
+        # No -cl-fast-relaxed-math, no -cl-mad-enable: the spec's roundings must survive.
+        self.program = cl.Program(self.context, kernel_source()).build(options=["-cl-std=CL1.2"])
+        # Retrieved once: each retrieval makes a new kernel object (and they are not
+        # thread-safe; the backend will keep one set per worker thread).
+        self._kernels = {k.function_name: k for k in self.program.all_kernels()}
+
+    @property
+    def name(self) -> str:
+        return f"{self.device.platform.name}: {self.device.name}"
+
+    def _buffer(self, array: np.ndarray) -> cl.Buffer:
+        flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
+        return cl.Buffer(self.context, flags, hostbuf=np.ascontiguousarray(array))
+
+    def _output(self, shape, dtype) -> tuple[np.ndarray, cl.Buffer]:
+        host = np.empty(shape, dtype=dtype)
+        return host, cl.Buffer(self.context, cl.mem_flags.WRITE_ONLY, max(host.nbytes, 1))
+
+    def _run(self, name: str, size: int, *args) -> None:
+        self._kernels[name](self.queue, (size,), None, *args)
+
+    def _fetch(self, host: np.ndarray, buffer: cl.Buffer) -> np.ndarray:
+        cl.enqueue_copy(self.queue, host, buffer)
+        self.queue.finish()
+        return host
+
+    def quantize(self, x: np.ndarray, fmt: BlockFormat):
+        """Section 3 on the device; returns (mantissas, codes, anchors, buffers kept)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        length, block = x.shape[-1], fmt.block_size
+        rows, groups = x.size // length, x.shape[0]
+        blocks = -(-length // block)
+        x_buf = self._buffer(x)
+        raw = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, rows * blocks * 4)
+        anchor_host, anchor = self._output((groups,), np.int32)
+        mant_host, mant = self._output(x.shape, np.int8)
+        codes_host, codes = self._output((*x.shape[:-1], blocks), np.uint8)
+        i32 = np.int32
+        self._run(
+            "block_exponents", rows * blocks, x_buf, i32(length), i32(block), i32(blocks), raw
+        )
+        self._run("group_anchor", groups, raw, i32(rows // groups * blocks), anchor)
+        self._run("quantize_elements", x.size, x_buf, i32(length), i32(block), i32(blocks),
+                  i32(rows // groups), i32(fmt.mantissa_bits), i32(fmt.window), raw, anchor,
+                  mant, codes)  # fmt: skip
+        return (self._fetch(mant_host, mant), self._fetch(codes_host, codes),
+                self._fetch(anchor_host, anchor))  # fmt: skip
+
+    def conv2d(self, x: np.ndarray, weight: BlockTensor, geometry) -> np.ndarray:
+        """Section 4 on the device: quantize, integer terms, exact conv, one rounding."""
+        fmt = weight.format
+        n, height, width, channels = x.shape
+        mantissas, codes, anchors = self.quantize(x, fmt)
+        blocks = codes.shape[-1]
+        rows = mantissas.size // channels
+        terms_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, mantissas.size * 4)
+        nan_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, mantissas.size)
+        i32 = np.int32
+        self._run("activation_terms", mantissas.size, self._buffer(mantissas), self._buffer(codes),
+                  i32(channels), i32(fmt.block_size), i32(blocks), i32(rows // n),
+                  i32(fmt.window), self._buffer(anchors), terms_buf, nan_buf)  # fmt: skip
+        w_terms, w_floor = weight.integer_terms()
+        out_h, out_w = geometry.output_size(height, width)
+        filters = weight.shape[0]
+        out_host, out = self._output((n, out_h, out_w, filters), np.float32)
+        top, _, left, _ = geometry.padding
+        self._run("conv2d", out_host.size, terms_buf, nan_buf,
+                  self._buffer((anchors - fmt.window).astype(np.int32)),
+                  i32(height), i32(width), i32(channels),
+                  self._buffer(w_terms.astype(np.int32)), self._buffer(w_floor.astype(np.int32)),
+                  i32(filters), *map(i32, geometry.kernel), *map(i32, geometry.strides),
+                  *map(i32, geometry.dilation), i32(top), i32(left), i32(geometry.groups),
+                  i32(out_h), i32(out_w), i32(fmt.mantissa_bits), out)  # fmt: skip
+        return self._fetch(out_host, out)
+
+    def elementwise(self, name: str, *arrays: np.ndarray, channels: int | None = None):
+        """bias / scale_shift (per-channel parameters last) and relu, relu6, add."""
+        first = np.ascontiguousarray(arrays[0], dtype=np.float32)
+        out_host, out = self._output(first.shape, np.float32)
+        args = [self._buffer(np.asarray(a, np.float32)) for a in arrays]
+        if channels is not None:
+            args.append(np.int32(channels))
+        self._run(name, first.size, *args, out)
+        return self._fetch(out_host, out)
+
+    def pool(self, x: np.ndarray, average: bool, pool, strides, padding) -> np.ndarray:
+        n, height, width, channels = x.shape
+        top, bottom, left, right = padding
+        out_h = (height + top + bottom - pool[0]) // strides[0] + 1
+        out_w = (width + left + right - pool[1]) // strides[1] + 1
+        table = np.array([0.0] + [reciprocal(k) for k in range(1, pool[0] * pool[1] + 1)],
+                         np.float32)  # fmt: skip
+        out_host, out = self._output((n, out_h, out_w, channels), np.float32)
+        i32 = np.int32
+        self._run("pool", out_host.size, self._buffer(x.astype(np.float32)), i32(height),
+                  i32(width), i32(channels), i32(pool[0]), i32(pool[1]), i32(strides[0]),
+                  i32(strides[1]), i32(top), i32(left), i32(out_h), i32(out_w), i32(average),
+                  self._buffer(table), out)  # fmt: skip
+        return self._fetch(out_host, out)
