@@ -90,6 +90,38 @@ def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad: in
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Section 4.3; ``dense`` is the 1x1 case on a 1x1 image."""
+
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    groups: int = 1
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> Geometry:
+        return cls(
+            kernel=tuple(attrs["kernel"]),
+            strides=tuple(attrs["strides"]),
+            dilation=tuple(attrs["dilation"]),
+            padding=tuple(attrs["padding"]),
+            groups=int(attrs["groups"]),
+        )
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        top, bottom, left, right = self.padding
+        return (
+            conv_output_size(
+                height, self.kernel[0], self.strides[0], self.dilation[0], top + bottom
+            ),
+            conv_output_size(
+                width, self.kernel[1], self.strides[1], self.dilation[1], left + right
+            ),
+        )
+
+
 def _pairs(op: Op, key: str, count: int = 2, minimum: int = 1) -> tuple[int, ...]:
     values = tuple(int(v) for v in op.attrs[key])
     if len(values) != count or any(v < minimum for v in values):

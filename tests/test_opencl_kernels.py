@@ -57,7 +57,7 @@ def run_case(kernels: DatapathKernels, case: dict) -> dict[str, np.ndarray]:
                              get_format(case["format"]))  # fmt: skip
         geometry = Geometry(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in attrs.items() if k != "filters"})  # fmt: skip
-        return {"y": kernels.conv2d(x, weight, geometry)}
+        return {"y": kernels.conv2d(x, kernels.upload_weight(weight), geometry)}
     if op in ("max_pool", "avg_pool"):
         return {"y": kernels.pool(x, op == "avg_pool", attrs["pool"], attrs["strides"],
                                   attrs["padding"])}  # fmt: skip
@@ -90,7 +90,7 @@ def test_kernels_match_emulator_on_random_convolutions(kernels, name, case):
     x, w, geometry = case
     weight = quantize(w, get_format(name))
     expected = conv2d(x, prepare_weights(weight, geometry.groups), geometry)
-    assert_same_bits(kernels.conv2d(x, weight, geometry), expected)
+    assert_same_bits(kernels.conv2d(x, kernels.upload_weight(weight), geometry), expected)
 
 
 @pytest.mark.parametrize("name", ["msfp16", "msfp12", "mxint8"])

@@ -10,10 +10,10 @@ import numpy as np
 
 from ..device import Device, DeviceInfo, LoadedProgram
 from ..formats import FORMATS
-from ..program import MATRIX_OPS, Op, Program, Shape
+from ..program import MATRIX_OPS, Geometry, Op, Program, Shape
 from . import vector_unit as vu
 from .heap import retain_freed_memory
-from .matrix_unit import Geometry, conv2d, dense, prepare_weights
+from .matrix_unit import conv2d, dense, prepare_weights
 
 Kernel = Callable[[Op, list[np.ndarray], Any], np.ndarray]
 

@@ -15,41 +15,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..formats import FORMATS, BlockFormat, NumberFormat
 from ..numerics import BlockTensor, canonicalize, flush_to_zero, integer_terms
-from ..program import conv_output_size
+from ..program import Geometry
 
 _FP32 = FORMATS["fp32"]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Section 4.3; ``dense`` is the 1x1 case on a 1x1 image."""
-
-    kernel: tuple[int, int] = (1, 1)
-    strides: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
-    groups: int = 1
-
-    @classmethod
-    def from_attrs(cls, attrs: dict) -> Geometry:
-        return cls(
-            kernel=tuple(attrs["kernel"]),
-            strides=tuple(attrs["strides"]),
-            dilation=tuple(attrs["dilation"]),
-            padding=tuple(attrs["padding"]),
-            groups=int(attrs["groups"]),
-        )
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        top, bottom, left, right = self.padding
-        return (
-            conv_output_size(
-                height, self.kernel[0], self.strides[0], self.dilation[0], top + bottom
-            ),
-            conv_output_size(
-                width, self.kernel[1], self.strides[1], self.dilation[1], left + right
-            ),
-        )
 
 
 @dataclass(frozen=True)

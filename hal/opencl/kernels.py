@@ -8,6 +8,7 @@ device backend (program execution, buffers kept on the device, faults) builds on
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib.resources import files
 
 import numpy as np
@@ -36,6 +37,16 @@ def find_device(name: str | None = None) -> cl.Device:
     if not candidates:
         raise LookupError(f"no OpenCL device matches {wanted!r}")
     return candidates[0]
+
+
+@dataclass(frozen=True)
+class DeviceWeight:
+    """Quantized weights as device buffers: integer terms (section 4.2) and per-channel L."""
+
+    terms: cl.Buffer
+    floor: cl.Buffer
+    filters: int
+    format: BlockFormat
 
 
 class DatapathKernels:
@@ -93,7 +104,17 @@ class DatapathKernels:
         return (self._fetch(mant_host, mant), self._fetch(codes_host, codes),
                 self._fetch(anchor_host, anchor))  # fmt: skip
 
-    def conv2d(self, x: np.ndarray, weight: BlockTensor, geometry) -> np.ndarray:
+    def upload_weight(self, weight: BlockTensor) -> DeviceWeight:
+        """Once per loaded program: the weights stay on the device."""
+        terms, floor = weight.integer_terms()
+        return DeviceWeight(
+            self._buffer(terms.astype(np.int32)),
+            self._buffer(floor.astype(np.int32)),
+            weight.shape[0],
+            weight.format,
+        )
+
+    def conv2d(self, x: np.ndarray, weight: DeviceWeight, geometry) -> np.ndarray:
         """Section 4 on the device: quantize, integer terms, exact conv, one rounding."""
         fmt = weight.format
         n, height, width, channels = x.shape
@@ -106,15 +127,14 @@ class DatapathKernels:
         self._run("activation_terms", mantissas.size, self._buffer(mantissas), self._buffer(codes),
                   i32(channels), i32(fmt.block_size), i32(blocks), i32(rows // n),
                   i32(fmt.window), self._buffer(anchors), terms_buf, nan_buf)  # fmt: skip
-        w_terms, w_floor = weight.integer_terms()
         out_h, out_w = geometry.output_size(height, width)
-        filters = weight.shape[0]
+        filters = weight.filters
         out_host, out = self._output((n, out_h, out_w, filters), np.float32)
         top, _, left, _ = geometry.padding
         self._run("conv2d", out_host.size, terms_buf, nan_buf,
                   self._buffer((anchors - fmt.window).astype(np.int32)),
                   i32(height), i32(width), i32(channels),
-                  self._buffer(w_terms.astype(np.int32)), self._buffer(w_floor.astype(np.int32)),
+                  weight.terms, weight.floor,
                   i32(filters), *map(i32, geometry.kernel), *map(i32, geometry.strides),
                   *map(i32, geometry.dilation), i32(top), i32(left), i32(geometry.groups),
                   i32(out_h), i32(out_w), i32(fmt.mantissa_bits), out)  # fmt: skip

@@ -1,0 +1,123 @@
+"""The OpenCL HAL device: runs accelerator programs through kernels/datapath.cl.
+
+First version: the matrix and vector ops run as kernels, layout ops (zero_pad, concat,
+flatten) are bit copies on the host, and tensors travel through host memory between ops.
+Keeping tensors and weights resident on the device, precompiled board binaries, per-thread
+command queues and fault recovery are the rest of Step 6.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+
+from ..device import Device, DeviceInfo, LoadedProgram
+from ..errors import DeviceFaultError, InvalidProgramError
+from ..formats import FORMATS, BlockFormat, get_format
+from ..program import MATRIX_OPS, Geometry, Program, Shape
+from .kernels import DatapathKernels
+
+KINDS = {
+    cl.device_type.ACCELERATOR: "ACCELERATOR",
+    cl.device_type.GPU: "GPU",
+    cl.device_type.CPU: "CPU",
+}
+
+
+def device_info(index: int, device: cl.Device) -> DeviceInfo:
+    kind = next((name for flag, name in KINDS.items() if device.type & flag), "OTHER")
+    return DeviceInfo(
+        name=f"opencl:{index}",
+        backend="opencl",
+        kind=kind,
+        description=f"{device.platform.name}: {device.name}",
+        formats=tuple(name for name, fmt in FORMATS.items() if isinstance(fmt, BlockFormat)),
+        memory_bytes=int(device.global_mem_size),
+        compiles_from_source=bool(device.compiler_available),
+    )
+
+
+class OpenCLDevice(Device):
+    """One OpenCL device; programs in the quantized formats run bit-exact with the emulator."""
+
+    def __init__(self, index: int, device: cl.Device) -> None:
+        super().__init__(device_info(index, device))
+        self._cl_device = device
+        self._kernels: DatapathKernels | None = None
+        self._run_lock = threading.Lock()  # one queue for now: kernels are not thread-safe
+
+    def open(self) -> None:
+        if not self._cl_device.compiler_available:
+            raise InvalidProgramError(
+                f"{self.info.description} cannot compile OpenCL C; board binaries (.aocx, "
+                ".xclbin) are not supported yet"
+            )
+        self._kernels = DatapathKernels(self._cl_device)
+        super().open()
+
+    def _load(self, program: Program, shapes: dict[str, Shape]) -> Any:
+        if not isinstance(get_format(program.format), BlockFormat):
+            raise InvalidProgramError(
+                f"{self.info.name} runs the quantized formats; the {program.format} reference "
+                "format runs on the emulator"
+            )
+        # Weights go to the device once, when the program is loaded.
+        return [
+            self._kernels.upload_weight(op.params["weight"]) if op.kind in MATRIX_OPS else None
+            for op in program.ops
+        ]
+
+    def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = dict(inputs)
+        try:
+            with self._run_lock:
+                for op, weight in zip(loaded.program.ops, loaded.state, strict=True):
+                    args = [tensors[name] for name in op.inputs]
+                    tensors[op.output] = self._op(op, args, weight)
+        except cl.Error as exc:
+            raise DeviceFaultError(f"{self.info.name}: OpenCL error in a run: {exc}") from exc
+        return {name: tensors[name] for name in loaded.program.outputs}
+
+    def _epilogue(self, x: np.ndarray, op) -> np.ndarray:
+        k, params, channels = self._kernels, op.params, x.shape[-1]
+        if "bias" in params:
+            x = k.elementwise("bias", x, params["bias"], channels=channels)
+        if "scale" in params:
+            x = k.elementwise("scale_shift", x, params["scale"], params["shift"], channels=channels)
+        activation = op.attrs.get("activation", "linear")
+        return x if activation == "linear" else k.elementwise(activation, x)
+
+    def _op(self, op, args: list[np.ndarray], weight) -> np.ndarray:
+        k, kind, a, x = self._kernels, op.kind, op.attrs, args[0]
+        channels = x.shape[-1]
+        if kind == "conv2d":
+            return self._epilogue(k.conv2d(x, weight, Geometry.from_attrs(a)), op)
+        if kind == "dense":
+            out = k.conv2d(x.reshape(x.shape[0], 1, 1, -1), weight, Geometry())
+            return self._epilogue(out.reshape(x.shape[0], -1), op)
+        if kind == "bias":
+            return k.elementwise("bias", x, op.params["bias"], channels=channels)
+        if kind == "scale_shift":
+            p = op.params
+            return k.elementwise("scale_shift", x, p["scale"], p["shift"], channels=channels)
+        if kind in ("relu", "relu6"):
+            return k.elementwise(kind, x)
+        if kind == "add":
+            total = k.elementwise("add", x, args[1])
+            activation = a.get("activation", "linear")
+            return total if activation == "linear" else k.elementwise(activation, total)
+        if kind in ("max_pool", "avg_pool"):
+            return k.pool(x, kind == "avg_pool", a["pool"], a["strides"], a["padding"])
+        if kind in ("global_avg_pool", "global_max_pool"):
+            out = k.pool(x, kind == "global_avg_pool", x.shape[1:3], (1, 1), (0, 0, 0, 0))
+            return out if a.get("keepdims", False) else out.reshape(x.shape[0], -1)
+        # Layout ops copy bits (section 5.2); they run on the host in this first version.
+        if kind == "concat":
+            return np.concatenate(args, axis=-1)
+        if kind == "zero_pad":
+            top, bottom, left, right = a["padding"]
+            return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        return x.reshape(x.shape[0], -1)

@@ -1,0 +1,59 @@
+"""The OpenCL HAL device runs whole programs bit-identically to the emulator (on PoCL here,
+or on the device $FPGASERVE_OPENCL_DEVICE names)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from test_device import small_net
+
+from conftest import MOBILENET_WEIGHTS, assert_same_bits
+from fpgaserve.hal import InvalidProgramError, list_devices, open_device
+
+pytest.importorskip("pyopencl")
+OPENCL = os.environ.get("FPGASERVE_OPENCL_DEVICE") or "opencl"
+
+
+def run(device_name: str, program, inputs):
+    with open_device(device_name) as device:
+        return device.run(device.load(program), inputs)
+
+
+def test_opencl_devices_are_listed():
+    infos = [info for info in list_devices() if info.backend == "opencl"]
+    assert infos, "no OpenCL device: `make test` installs PoCL from pip"
+    assert infos[0].name == "opencl:0" and infos[0].kind in ("CPU", "GPU", "ACCELERATOR")
+    assert "msfp16" in infos[0].formats and "fp32" not in infos[0].formats
+
+
+@pytest.mark.parametrize("fmt", ["msfp16", "msfp12", "mxint8"])
+def test_every_op_kind_matches_the_emulator(fmt):
+    program = small_net(fmt)
+    image = np.random.default_rng(5).standard_normal((3, 8, 8, 3)).astype(np.float32)
+    image[1, 2, 3, 1] = np.nan  # NaN handling too
+    ours = run(OPENCL, program, {"image": image})
+    expected = run("emulator", program, {"image": image})
+    for name in program.outputs:
+        assert_same_bits(ours[name], expected[name])
+
+
+def test_fp32_programs_are_refused():
+    with pytest.raises(InvalidProgramError, match="runs on the emulator"), open_device(OPENCL) as d:
+        d.load(small_net("fp32"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mobilenet_0.75", "resnet50"])
+def test_whole_featurizers_are_bit_identical(model, imagenet):
+    from fpgaserve.compiler.zoo import ZOO, compile_zoo_model
+    from fpgaserve.evaluation import load_labelled_images
+
+    weights = str(MOBILENET_WEIGHTS) if model == "mobilenet_0.75" else "random"
+    compiled, _ = compile_zoo_model(model, weights, "msfp16", progress=False)
+    images = load_labelled_images(imagenet, ZOO[model].preprocess, limit=1).inputs
+    (name,) = compiled.program.inputs
+    ours = run(OPENCL, compiled.program, {name: images})[compiled.cut]
+    expected = run("emulator", compiled.program, {name: images})[compiled.cut]
+    assert_same_bits(ours, expected)
