@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/resnet50_model.py --batch 1 8
 	$(BIN)/python bench/zoo_fidelity.py
 	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/opencl_resnet50.py
 
 golden: $(STAMP)
 	$(BIN)/python tests/golden/generate.py
