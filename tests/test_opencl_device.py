@@ -10,7 +10,7 @@ import pytest
 from test_device import small_net
 
 from conftest import MOBILENET_WEIGHTS, assert_same_bits
-from fpgaserve.hal import InvalidProgramError, list_devices, open_device
+from fpgaserve.hal import DeviceNotFoundError, InvalidProgramError, list_devices, open_device
 
 pytest.importorskip("pyopencl")
 OPENCL = os.environ.get("FPGASERVE_OPENCL_DEVICE") or "opencl"
@@ -57,3 +57,31 @@ def test_whole_featurizers_are_bit_identical(model, imagenet):
     ours = run(OPENCL, compiled.program, {name: images})[compiled.cut]
     expected = run("emulator", compiled.program, {name: images})[compiled.cut]
     assert_same_bits(ours, expected)
+
+
+def test_kernels_load_from_a_precompiled_binary(tmp_path):
+    """What FPGA platforms need (no compiler): a board manifest names the binary per device."""
+    import json
+
+    from fpgaserve.hal.opencl.device import OpenCLDevice
+    from fpgaserve.hal.opencl.kernels import DatapathKernels, find_device
+
+    cl_device = find_device()
+    binary = DatapathKernels(cl_device).program.binaries[0]
+    (tmp_path / "datapath.bin").write_bytes(binary)
+    manifest = tmp_path / "board.json"
+    name = cl_device.name
+    manifest.write_text(json.dumps({"binaries": [{"device": name, "path": "datapath.bin"}]}))
+    device = OpenCLDevice(0, cl_device, board_manifest=manifest)
+    device.open()
+    try:
+        assert device.kernel_source == "binary"
+        program = small_net("msfp16")
+        image = np.random.default_rng(6).standard_normal((2, 8, 8, 3)).astype(np.float32)
+        ours = device.run(device.load(program), {"image": image})["features"]
+    finally:
+        device.close()
+    assert_same_bits(ours, run("emulator", program, {"image": image})["features"])
+    manifest.write_text("{not json")
+    with pytest.raises(DeviceNotFoundError, match="board manifest"):
+        OpenCLDevice(0, cl_device, board_manifest=manifest).open()

@@ -8,18 +8,22 @@ command queues and fault recovery are the rest of Step 6.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyopencl as cl
 
 from ..device import Device, DeviceInfo, LoadedProgram
-from ..errors import DeviceFaultError, InvalidProgramError
+from ..errors import DeviceFaultError, DeviceNotFoundError, InvalidProgramError
 from ..formats import FORMATS, BlockFormat, get_format
 from ..program import MATRIX_OPS, Geometry, Program, Shape
 from .kernels import DatapathKernels
 
+MANIFEST_ENV = "FPGASERVE_BOARD_MANIFEST"
 KINDS = {
     cl.device_type.ACCELERATOR: "ACCELERATOR",
     cl.device_type.GPU: "GPU",
@@ -40,22 +44,54 @@ def device_info(index: int, device: cl.Device) -> DeviceInfo:
     )
 
 
+def board_binary(manifest: Path | None, description: str) -> bytes | None:
+    """The binary a board manifest names for this device, if any.
+
+    Manifest (JSON): ``{"binaries": [{"device": "<substring of 'platform: device'>",
+    "path": "datapath.aocx"}]}``; relative paths are relative to the manifest.
+    """
+    if manifest is None:
+        return None
+    try:
+        entries = json.loads(manifest.read_text())["binaries"]
+        for entry in entries:
+            if str(entry["device"]).lower() in description.lower():
+                return (manifest.parent / entry["path"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DeviceNotFoundError(f"board manifest {manifest}: {exc}") from None
+    return None
+
+
 class OpenCLDevice(Device):
     """One OpenCL device; programs in the quantized formats run bit-exact with the emulator."""
 
-    def __init__(self, index: int, device: cl.Device) -> None:
+    def __init__(self, index: int, device: cl.Device, board_manifest: Path | None = None) -> None:
         super().__init__(device_info(index, device))
         self._cl_device = device
+        self._board_manifest = board_manifest or (
+            Path(os.environ[MANIFEST_ENV]) if os.environ.get(MANIFEST_ENV) else None
+        )
         self._kernels: DatapathKernels | None = None
         self._run_lock = threading.Lock()  # one queue for now: kernels are not thread-safe
 
+    @property
+    def kernel_source(self) -> str:
+        """Where the kernels came from: "binary" or "OpenCL C source"."""
+        return self._kernels.source if self._kernels else "not open"
+
     def open(self) -> None:
-        if not self._cl_device.compiler_available:
-            raise InvalidProgramError(
-                f"{self.info.description} cannot compile OpenCL C; board binaries (.aocx, "
-                ".xclbin) are not supported yet"
+        """A board manifest's binary wins; otherwise compile from source where possible."""
+        binary = board_binary(self._board_manifest, self.info.description)
+        if binary is None and not self._cl_device.compiler_available:
+            raise DeviceNotFoundError(
+                f"{self.info.description} cannot compile OpenCL C and no board manifest "
+                f"(${MANIFEST_ENV}) names a binary for it; build one with aoc or v++ "
+                "(kernels/README.md)"
             )
-        self._kernels = DatapathKernels(self._cl_device)
+        try:
+            self._kernels = DatapathKernels(self._cl_device, binary)
+        except cl.Error as exc:
+            raise DeviceFaultError(f"{self.info.name}: could not build the kernels: {exc}") from exc
         super().open()
 
     def _load(self, program: Program, shapes: dict[str, Shape]) -> Any:

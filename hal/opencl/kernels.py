@@ -50,14 +50,21 @@ class DeviceWeight:
 
 
 class DatapathKernels:
-    """kernels/datapath.cl built from source for one device (FPGA binaries come in Step 6)."""
+    """kernels/datapath.cl for one device: built from source, or loaded from a precompiled
+    binary (``.aocx``, ``.xclbin``: FPGA platforms have no compiler)."""
 
-    def __init__(self, device: cl.Device) -> None:
+    def __init__(self, device: cl.Device, binary: bytes | None = None) -> None:
         self.device = device
         self.context = cl.Context([device])
         self.queue = cl.CommandQueue(self.context)
+        if binary is not None:
+            self.source = "binary"
+            program = cl.Program(self.context, [device], [binary])
+        else:
+            self.source = "OpenCL C source"
+            program = cl.Program(self.context, kernel_source())
         # No -cl-fast-relaxed-math, no -cl-mad-enable: the spec's roundings must survive.
-        self.program = cl.Program(self.context, kernel_source()).build(options=["-cl-std=CL1.2"])
+        self.program = program.build(options=["-cl-std=CL1.2"])
         # Retrieved once: each retrieval makes a new kernel object (and they are not
         # thread-safe; the backend will keep one set per worker thread).
         self._kernels = {k.function_name: k for k in self.program.all_kernels()}
