@@ -85,3 +85,26 @@ def test_kernels_load_from_a_precompiled_binary(tmp_path):
     manifest.write_text("{not json")
     with pytest.raises(DeviceNotFoundError, match="board manifest"):
         OpenCLDevice(0, cl_device, board_manifest=manifest).open()
+
+
+def test_a_fault_fails_the_request_then_the_device_recovers():
+    """Fault injection: the device's context goes away under the loaded program (as when a
+    board resets): its command queue now belongs to a fresh context, so every launch fails
+    with CL_INVALID_CONTEXT."""
+    import pyopencl as cl
+
+    from fpgaserve.hal import DeviceFaultError
+
+    program = small_net("msfp16")
+    image = np.random.default_rng(7).standard_normal((1, 8, 8, 3)).astype(np.float32)
+    expected = run("emulator", program, {"image": image})["features"]
+    with open_device(OPENCL) as device:
+        handle = device.load(program)
+        assert_same_bits(device.run(handle, {"image": image})["features"], expected)
+        kernels = device._kernels
+        kernels.queue = cl.CommandQueue(cl.Context([kernels.device]))
+        with pytest.raises(DeviceFaultError, match="re-initialises on the next request"):
+            device.run(handle, {"image": image})
+        assert not device.healthy
+        assert_same_bits(device.run(handle, {"image": image})["features"], expected)
+        assert device.healthy and device.recoveries == 1

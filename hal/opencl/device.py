@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ class OpenCLDevice(Device):
         )
         self._kernels: DatapathKernels | None = None
         self._run_lock = threading.Lock()  # one queue for now: kernels are not thread-safe
+        self._faulted = False
+        self.recoveries = 0
 
     @property
     def kernel_source(self) -> str:
@@ -106,15 +109,40 @@ class OpenCLDevice(Device):
             for op in program.ops
         ]
 
+    @property
+    def healthy(self) -> bool:
+        """False between a fault and the recovery that the next run performs."""
+        return not self._faulted
+
+    def _recover(self) -> None:
+        """Re-create the context and re-upload every loaded program's weights: a lost device
+        or a failed command queue heals without restarting the server."""
+        self._kernels = DatapathKernels(
+            self._cl_device, board_binary(self._board_manifest, self.info.description)
+        )
+        with self._lock:
+            for handle, loaded in list(self._programs.items()):
+                state = self._load(loaded.program, loaded.shapes)
+                self._programs[handle] = replace(loaded, state=state)
+        self._faulted = False
+        self.recoveries += 1
+
     def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = dict(inputs)
-        try:
-            with self._run_lock:
+        with self._run_lock:
+            try:
+                if self._faulted:
+                    self._recover()
+                    loaded = self._programs[loaded.handle]
                 for op, weight in zip(loaded.program.ops, loaded.state, strict=True):
                     args = [tensors[name] for name in op.inputs]
                     tensors[op.output] = self._op(op, args, weight)
-        except cl.Error as exc:
-            raise DeviceFaultError(f"{self.info.name}: OpenCL error in a run: {exc}") from exc
+            except cl.Error as exc:
+                self._faulted = True
+                raise DeviceFaultError(
+                    f"{self.info.name}: OpenCL error, request failed; the device re-initialises "
+                    f"on the next request ({exc})"
+                ) from exc
         return {name: tensors[name] for name in loaded.program.outputs}
 
     def _epilogue(self, x: np.ndarray, op) -> np.ndarray:
