@@ -136,15 +136,3 @@ def QuantizedKerasModel(
     return QuantizedModel(
         compile_model(model, format, cut, progress, calibration=calibration), None
     )
-
-
-__all__ = [
-    "ImagePreprocessing",
-    "QuantizedDenseNet121",
-    "QuantizedKerasModel",
-    "QuantizedMobileNet",
-    "QuantizedModel",
-    "QuantizedResnet50",
-    "QuantizedResnet152",
-    "QuantizedVgg16",
-]
