@@ -101,10 +101,37 @@ def test_a_fault_fails_the_request_then_the_device_recovers():
     with open_device(OPENCL) as device:
         handle = device.load(program)
         assert_same_bits(device.run(handle, {"image": image})["features"], expected)
-        kernels = device._kernels
-        kernels.queue = cl.CommandQueue(cl.Context([kernels.device]))
+        kernels = device._kernels  # this thread's queue moves to a foreign context
+        kernels._local.queue = cl.CommandQueue(cl.Context([kernels.device]))
         with pytest.raises(DeviceFaultError, match="re-initialises on the next request"):
             device.run(handle, {"image": image})
         assert not device.healthy
         assert_same_bits(device.run(handle, {"image": image})["features"], expected)
         assert device.healthy and device.recoveries == 1
+
+
+def test_concurrent_runs_use_their_own_queues_and_agree():
+    import threading
+
+    program = small_net("mxint8")
+    image = np.random.default_rng(8).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    expected = run("emulator", program, {"image": image})["features"]
+    results, errors = [], []
+    with open_device(OPENCL) as device:
+        handle = device.load(program)
+
+        def work():
+            try:
+                for _ in range(3):
+                    results.append(device.run(handle, {"image": image})["features"])
+            except Exception as exc:  # collected: a thread's failure must fail the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors and len(results) == 12
+    for result in results:
+        assert_same_bits(result, expected)

@@ -1,9 +1,9 @@
 """The OpenCL HAL device: runs accelerator programs through kernels/datapath.cl.
 
-First version: the matrix and vector ops run as kernels, layout ops (zero_pad, concat,
-flatten) are bit copies on the host, and tensors travel through host memory between ops.
-Keeping tensors and weights resident on the device, precompiled board binaries, per-thread
-command queues and fault recovery are the rest of Step 6.
+First version: the matrix and vector ops run as kernels (one command queue per calling thread),
+layout ops (zero_pad, concat, flatten) are bit copies on the host, and tensors travel through
+host memory between ops; weights stay on the device from load to unload. Device-resident
+tensors and a faster convolution are the rest of Step 6.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class OpenCLDevice(Device):
             Path(os.environ[MANIFEST_ENV]) if os.environ.get(MANIFEST_ENV) else None
         )
         self._kernels: DatapathKernels | None = None
-        self._run_lock = threading.Lock()  # one queue for now: kernels are not thread-safe
+        self._recovery_lock = threading.Lock()
         self._faulted = False
         self.recoveries = 0
 
@@ -129,20 +129,21 @@ class OpenCLDevice(Device):
 
     def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = dict(inputs)
-        with self._run_lock:
-            try:
-                if self._faulted:
-                    self._recover()
-                    loaded = self._programs[loaded.handle]
-                for op, weight in zip(loaded.program.ops, loaded.state, strict=True):
-                    args = [tensors[name] for name in op.inputs]
-                    tensors[op.output] = self._op(op, args, weight)
-            except cl.Error as exc:
-                self._faulted = True
-                raise DeviceFaultError(
-                    f"{self.info.name}: OpenCL error, request failed; the device re-initialises "
-                    f"on the next request ({exc})"
-                ) from exc
+        try:
+            if self._faulted:
+                with self._recovery_lock:
+                    if self._faulted:
+                        self._recover()
+                loaded = self._programs[loaded.handle]
+            for op, weight in zip(loaded.program.ops, loaded.state, strict=True):
+                args = [tensors[name] for name in op.inputs]
+                tensors[op.output] = self._op(op, args, weight)
+        except cl.Error as exc:
+            self._faulted = True
+            raise DeviceFaultError(
+                f"{self.info.name}: OpenCL error, request failed; the device re-initialises "
+                f"on the next request ({exc})"
+            ) from exc
         return {name: tensors[name] for name in loaded.program.outputs}
 
     def _epilogue(self, x: np.ndarray, op) -> np.ndarray:

@@ -8,6 +8,7 @@ device backend (program execution, buffers kept on the device, faults) builds on
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -56,7 +57,7 @@ class DatapathKernels:
     def __init__(self, device: cl.Device, binary: bytes | None = None) -> None:
         self.device = device
         self.context = cl.Context([device])
-        self.queue = cl.CommandQueue(self.context)
+        self._local = threading.local()
         if binary is not None:
             self.source = "binary"
             program = cl.Program(self.context, [device], [binary])
@@ -65,9 +66,16 @@ class DatapathKernels:
             program = cl.Program(self.context, kernel_source())
         # No -cl-fast-relaxed-math, no -cl-mad-enable: the spec's roundings must survive.
         self.program = program.build(options=["-cl-std=CL1.2"])
-        # Retrieved once: each retrieval makes a new kernel object (and they are not
-        # thread-safe; the backend will keep one set per worker thread).
-        self._kernels = {k.function_name: k for k in self.program.all_kernels()}
+
+    @property
+    def queue(self) -> cl.CommandQueue:
+        """This thread's command queue: pyopencl kernel objects and queues are not
+        thread-safe, so every worker thread gets its own (buffers are shared)."""
+        local = self._local
+        if not hasattr(local, "queue"):
+            local.queue = cl.CommandQueue(self.context)
+            local.kernels = {k.function_name: k for k in self.program.all_kernels()}
+        return local.queue
 
     @property
     def name(self) -> str:
@@ -82,7 +90,8 @@ class DatapathKernels:
         return host, cl.Buffer(self.context, cl.mem_flags.WRITE_ONLY, max(host.nbytes, 1))
 
     def _run(self, name: str, size: int, *args) -> None:
-        self._kernels[name](self.queue, (size,), None, *args)
+        queue = self.queue
+        self._local.kernels[name](queue, (size,), None, *args)
 
     def _fetch(self, host: np.ndarray, buffer: cl.Buffer) -> np.ndarray:
         cl.enqueue_copy(self.queue, host, buffer)
