@@ -51,8 +51,12 @@ def _calibration_images(folder: Path, preset: str, count: int):
 
 def _build(args: argparse.Namespace) -> int:
     from .compiler.zoo import ZOO
-    from .pipeline import ImagePreprocessing, ModelDefinition, QuantizedKerasModel
-    from .pipeline.authoring import _zoo
+    from .pipeline import (
+        ImagePreprocessing,
+        ModelDefinition,
+        QuantizedKerasModel,
+        QuantizedZooModel,
+    )
 
     if args.model not in ZOO and not args.model.endswith(".keras"):
         raise ValueError(f"MODEL must be a zoo name ({', '.join(ZOO)}) or a .keras file")
@@ -64,7 +68,7 @@ def _build(args: argparse.Namespace) -> int:
         calibration = _calibration_images(args.calibration, preset, args.calibration_count)
         print(f"calibrating bias correction on {len(calibration)} images from {args.calibration}")
     if args.model in ZOO:
-        model = _zoo(args.model, args.weights, args.format, calibration, progress=True)
+        model = QuantizedZooModel(args.model, args.weights, args.format, calibration)
     else:
         model = QuantizedKerasModel(args.model, args.format, calibration=calibration)
     weights = model.compiled.program.metadata.get("weights", "from the .keras file")

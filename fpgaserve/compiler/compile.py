@@ -74,13 +74,15 @@ def compile_model(
     outputs = [cut]
     ops = fuse(resolve_aliases(ops, outputs), tuple(outputs))
     info: dict[str, str] = {}
-    float_ops = [replace(op, attrs=dict(op.attrs), params=dict(op.params)) for op in ops]
+    calibrate = calibration is not None and fmt.quantized
+    # Bias correction compares against the float program, so keep a copy before quantizing.
+    float_ops = [replace(op, params=dict(op.params)) for op in ops] if calibrate else []
     if fmt.quantized:
         matrix_ops = [op for op in ops if op.kind in MATRIX_OPS]
         for op in tqdm(matrix_ops, desc=f"quantizing to {fmt.name}", unit="layer",
                        disable=not progress):  # fmt: skip
             op.params["weight"] = quantize(op.params["weight"], fmt)
-    if calibration is not None and fmt.quantized:
+    if calibrate:
         (input_name,) = inputs
         float_program = Program("fp32", inputs, tuple(outputs), float_ops)
         quantized = Program(fmt.name, inputs, tuple(outputs), ops)

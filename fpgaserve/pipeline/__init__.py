@@ -10,6 +10,7 @@ from .authoring import (
     QuantizedResnet50,
     QuantizedResnet152,
     QuantizedVgg16,
+    QuantizedZooModel,
 )
 from .runtime import Pipeline
 from .stages import AcceleratorStage, KerasStage, TensorflowStage, TensorSpec
@@ -29,6 +30,7 @@ __all__ = [
     "QuantizedResnet50",
     "QuantizedResnet152",
     "QuantizedVgg16",
+    "QuantizedZooModel",
     "TensorSpec",
     "TensorflowStage",
 ]

@@ -101,32 +101,35 @@ class QuantizedModel:
         return KerasStage("classifier", self.compiled.head)
 
 
-def _zoo(name: str, weights: str, format: str, calibration, progress: bool) -> QuantizedModel:
+def QuantizedZooModel(
+    name: str, weights="imagenet", format="msfp16", calibration=None, progress=True
+) -> QuantizedModel:
+    """Any zoo model by name (fpgaserve.compiler.zoo.ZOO)."""
     compiled, _ = compile_zoo_model(name, weights, format, progress, calibration)
     return QuantizedModel(compiled, ZOO[name].preprocess)
 
 
 def QuantizedResnet50(weights="imagenet", format="msfp16", calibration=None, progress=True):
-    return _zoo("resnet50", weights, format, calibration, progress)
+    return QuantizedZooModel("resnet50", weights, format, calibration, progress)
 
 
 def QuantizedResnet152(weights="imagenet", format="msfp16", calibration=None, progress=True):
-    return _zoo("resnet152", weights, format, calibration, progress)
+    return QuantizedZooModel("resnet152", weights, format, calibration, progress)
 
 
 def QuantizedDenseNet121(weights="imagenet", format="msfp16", calibration=None, progress=True):
-    return _zoo("densenet121", weights, format, calibration, progress)
+    return QuantizedZooModel("densenet121", weights, format, calibration, progress)
 
 
 def QuantizedVgg16(weights="imagenet", format="msfp16", calibration=None, progress=True):
-    return _zoo("vgg16", weights, format, calibration, progress)
+    return QuantizedZooModel("vgg16", weights, format, calibration, progress)
 
 
 def QuantizedMobileNet(
     alpha=1.0, weights="imagenet", format="msfp16", calibration=None, progress=True
 ):
     name = "mobilenet" if alpha == 1.0 else f"mobilenet_{alpha:g}"
-    return _zoo(name, weights, format, calibration, progress)
+    return QuantizedZooModel(name, weights, format, calibration, progress)
 
 
 def QuantizedKerasModel(

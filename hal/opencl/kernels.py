@@ -17,6 +17,7 @@ import pyopencl as cl
 
 from ..formats import BlockFormat
 from ..numerics import BlockTensor, reciprocal
+from ..program import conv_output_size
 
 DEVICE_ENV = "FPGASERVE_OPENCL_DEVICE"
 
@@ -98,17 +99,16 @@ class DatapathKernels:
         self.queue.finish()
         return host
 
-    def quantize(self, x: np.ndarray, fmt: BlockFormat):
-        """Section 3 on the device; returns (mantissas, codes, anchors, buffers kept)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def _quantize(self, x: np.ndarray, fmt: BlockFormat):
+        """Section 3 on the device; the results stay there as buffers."""
         length, block = x.shape[-1], fmt.block_size
         rows, groups = x.size // length, x.shape[0]
         blocks = -(-length // block)
         x_buf = self._buffer(x)
         raw = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, rows * blocks * 4)
-        anchor_host, anchor = self._output((groups,), np.int32)
-        mant_host, mant = self._output(x.shape, np.int8)
-        codes_host, codes = self._output((*x.shape[:-1], blocks), np.uint8)
+        anchor = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, groups * 4)
+        mant = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, x.size)
+        codes = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, rows * blocks)
         i32 = np.int32
         self._run(
             "block_exponents", rows * blocks, x_buf, i32(length), i32(block), i32(blocks), raw
@@ -117,8 +117,17 @@ class DatapathKernels:
         self._run("quantize_elements", x.size, x_buf, i32(length), i32(block), i32(blocks),
                   i32(rows // groups), i32(fmt.mantissa_bits), i32(fmt.window), raw, anchor,
                   mant, codes)  # fmt: skip
-        return (self._fetch(mant_host, mant), self._fetch(codes_host, codes),
-                self._fetch(anchor_host, anchor))  # fmt: skip
+        return mant, codes, anchor, blocks
+
+    def quantize(self, x: np.ndarray, fmt: BlockFormat):
+        """Section 3 on the device; returns (mantissas, codes, anchors) on the host."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        mant, codes, anchor, blocks = self._quantize(x, fmt)
+        return (
+            self._fetch(np.empty(x.shape, np.int8), mant),
+            self._fetch(np.empty((*x.shape[:-1], blocks), np.uint8), codes),
+            self._fetch(np.empty(x.shape[0], np.int32), anchor),
+        )
 
     def upload_weight(self, weight: BlockTensor) -> DeviceWeight:
         """Once per loaded program: the weights stay on the device."""
@@ -134,21 +143,21 @@ class DatapathKernels:
         """Section 4 on the device: quantize, integer terms, exact conv, one rounding."""
         fmt = weight.format
         n, height, width, channels = x.shape
-        mantissas, codes, anchors = self.quantize(x, fmt)
-        blocks = codes.shape[-1]
-        rows = mantissas.size // channels
-        terms_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, mantissas.size * 4)
-        nan_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, mantissas.size)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        mantissas, codes, anchors, blocks = self._quantize(x, fmt)  # stay on the device
+        act_floor = self._fetch(np.empty(n, np.int32), anchors) - np.int32(fmt.window)
+        terms_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, x.size * 4)
+        nan_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, x.size)
         i32 = np.int32
-        self._run("activation_terms", mantissas.size, self._buffer(mantissas), self._buffer(codes),
-                  i32(channels), i32(fmt.block_size), i32(blocks), i32(rows // n),
-                  i32(fmt.window), self._buffer(anchors), terms_buf, nan_buf)  # fmt: skip
+        self._run("activation_terms", x.size, mantissas, codes,
+                  i32(channels), i32(fmt.block_size), i32(blocks), i32(height * width),
+                  i32(fmt.window), anchors, terms_buf, nan_buf)  # fmt: skip
         out_h, out_w = geometry.output_size(height, width)
         filters = weight.filters
         out_host, out = self._output((n, out_h, out_w, filters), np.float32)
         top, _, left, _ = geometry.padding
         self._run("conv2d", out_host.size, terms_buf, nan_buf,
-                  self._buffer((anchors - fmt.window).astype(np.int32)),
+                  self._buffer(act_floor),
                   i32(height), i32(width), i32(channels),
                   weight.terms, weight.floor,
                   i32(filters), *map(i32, geometry.kernel), *map(i32, geometry.strides),
@@ -169,8 +178,8 @@ class DatapathKernels:
     def pool(self, x: np.ndarray, average: bool, pool, strides, padding) -> np.ndarray:
         n, height, width, channels = x.shape
         top, bottom, left, right = padding
-        out_h = (height + top + bottom - pool[0]) // strides[0] + 1
-        out_w = (width + left + right - pool[1]) // strides[1] + 1
+        out_h = conv_output_size(height, pool[0], strides[0], 1, top + bottom)
+        out_w = conv_output_size(width, pool[1], strides[1], 1, left + right)
         table = np.array([0.0] + [reciprocal(k) for k in range(1, pool[0] * pool[1] + 1)],
                          np.float32)  # fmt: skip
         out_host, out = self._output((n, out_h, out_w, channels), np.float32)
