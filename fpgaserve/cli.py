@@ -87,6 +87,152 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(flag: str, default=None):
+    """Every serve flag can come from FPGASERVE_<FLAG> (containers are configured that way)."""
+    return os.environ.get("FPGASERVE_" + flag.upper().replace("-", "_"), default)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .server import BatchingConfig, FpgaServer, ServerConfig, TlsConfig, VersionPolicy
+    from .server.auth import load_keys
+    from .server.logs import configure
+
+    configure(args.log_format)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    config = ServerConfig(
+        archives=[Path(p) for p in args.archives],
+        model_repository=Path(args.model_repository) if args.model_repository else None,
+        host=args.host,
+        port=int(args.port),
+        metrics_port=None if int(args.metrics_port) < 0 else int(args.metrics_port),
+        device=args.device,
+        batching=BatchingConfig(
+            max_batch_size=int(args.max_batch_size),
+            max_queue_delay_s=float(args.max_queue_delay_ms) / 1e3,
+            max_queue_size=int(args.max_queue_size),
+        ),
+        version_policy=VersionPolicy.parse(args.version_policy),
+        poll_seconds=float(args.poll_seconds),
+        max_message_bytes=int(float(args.max_message_mb) * 2**20),
+        tls=TlsConfig(Path(args.tls_cert), Path(args.tls_key),
+                      Path(args.tls_client_ca) if args.tls_client_ca else None)
+        if args.tls_cert else None,
+        auth_keys=load_keys(Path(args.auth_keys_file) if args.auth_keys_file else None),
+        drain_seconds=float(args.drain_seconds),
+    )  # fmt: skip
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = FpgaServer(config).start()
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
+                               timeout=args.timeout)  # fmt: skip
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve archives over gRPC (TF Serving, KServe v2, health, reflection)",
+        description="Every option can also be set by an environment variable "
+        "FPGASERVE_<OPTION>, e.g. FPGASERVE_MODEL_REPOSITORY; bearer keys also by "
+        "FPGASERVE_AUTH_KEYS (comma-separated).",
+    )
+    serve.add_argument("archives", nargs="*", metavar="ARCHIVE", help="service definition archives")
+    serve.add_argument(
+        "--model-repository",
+        default=_env("model-repository"),
+        help="folder of <name>/<version>/model.zip, watched for changes",
+    )
+    serve.add_argument("--host", default=_env("host", "0.0.0.0"))
+    serve.add_argument("--port", default=_env("port", 8500), help="gRPC port (default 8500)")
+    serve.add_argument(
+        "--metrics-port",
+        default=_env("metrics-port", 8501),
+        help="Prometheus /metrics port (default 8501; -1 turns it off)",
+    )
+    serve.add_argument(
+        "--device",
+        default=_env("device", "emulator"),
+        help="emulator, opencl, opencl:N or a device name (see `fpgaserve devices`)",
+    )
+    serve.add_argument("--max-batch-size", default=_env("max-batch-size", 8))
+    serve.add_argument(
+        "--max-queue-delay-ms",
+        default=_env("max-queue-delay-ms", 0),
+        help="wait this long to fill a device batch, only while requests are "
+        "already on their way (default 0)",
+    )
+    serve.add_argument(
+        "--max-queue-size",
+        default=_env("max-queue-size", 64),
+        help="images in flight per model before RESOURCE_EXHAUSTED (default 64)",
+    )
+    serve.add_argument(
+        "--max-message-mb",
+        default=_env("max-message-mb", 64),
+        help="largest request or response in MiB (default 64)",
+    )
+    serve.add_argument(
+        "--version-policy",
+        default=_env("version-policy", "latest"),
+        help="latest, all, or versions like 1,3",
+    )
+    serve.add_argument(
+        "--poll-seconds",
+        default=_env("poll-seconds", 5),
+        help="how often the model repository is rescanned",
+    )
+    serve.add_argument("--tls-cert", default=_env("tls-cert"), help="server certificate (PEM)")
+    serve.add_argument("--tls-key", default=_env("tls-key"), help="server private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca",
+        default=_env("tls-client-ca"),
+        help="CA that client certificates must chain to (mutual TLS)",
+    )
+    serve.add_argument(
+        "--auth-keys-file",
+        default=_env("auth-keys-file"),
+        help="file of accepted bearer keys, one per line",
+    )
+    serve.add_argument(
+        "--drain-seconds",
+        default=_env("drain-seconds", 30),
+        help="on SIGTERM, how long accepted requests may take to finish",
+    )
+    serve.add_argument("--log-format", default=_env("log-format", "json"), choices=["json", "text"])
+    serve.set_defaults(handler=_serve)
+    health = commands.add_parser(
+        "health", help="ask a server's gRPC health service (exit 0 if SERVING)"
+    )
+    health.add_argument("--address", default="localhost:8500")
+    health.add_argument("--service", default="", help="a model name; empty for the whole server")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(handler=_health)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fpgaserve",
@@ -109,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--calibration-count", type=int, default=64)
     build.add_argument("--labels", type=Path, help="class names: JSON list or Keras class index")
     build.set_defaults(handler=_build)
+    _add_serve(commands)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Service definitions: author a pipeline of stages, save it as one archive, run it."""
 
-from .archive import ArchiveError, Limits, ModelDefinition
+from .archive import ArchiveError, Limits, ModelDefinition, read_manifest
 from .authoring import (
     ImagePreprocessing,
     QuantizedDenseNet121,
@@ -33,4 +33,5 @@ __all__ = [
     "QuantizedZooModel",
     "TensorSpec",
     "TensorflowStage",
+    "read_manifest",
 ]

@@ -237,14 +237,23 @@ def _stage_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 DEFAULT_LIMITS = Limits()
 
 
+def _open(path: str | Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ArchiveError(f"{path}: not a readable zip archive ({exc})") from None
+
+
+def read_manifest(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The archive's manifest (e.g. its model name) without extracting anything."""
+    with _open(path) as archive:
+        return _read_manifest(archive, _check_entries(archive, limits), limits)
+
+
 def extract(path: str | Path, target: Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Validate ``path`` and extract it into ``target``; returns the manifest with parsed
     stages. Nothing is written unless the member list, names and sizes pass first."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ArchiveError(f"{path}: not a readable zip archive ({exc})") from None
-    with archive:
+    with _open(path) as archive:
         entries = _check_entries(archive, limits)
         manifest = _read_manifest(archive, entries, limits)
         members = manifest.get("members")

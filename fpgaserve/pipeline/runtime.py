@@ -49,7 +49,8 @@ class Pipeline:
         self._owns_device = owns_device
         root = Path(folder.name)
         self.stages = manifest["stages"]
-        self._runners = [
+        # One callable per stage (a batch in, a batch out): the server schedules them itself.
+        self.runners = [
             _AcceleratorRunner(root / s["path"], device)
             if s["kind"] == "accelerator"
             else _TensorflowRunner(root / s["path"], s["input"], s["output"])
@@ -92,14 +93,14 @@ class Pipeline:
             raise KeyError(f"unknown outputs {sorted(wanted - known)}; available: {sorted(known)}")
         value: Any = inputs[self.input_name]
         results = {}
-        for stage, runner in zip(self.stages, self._runners, strict=True):
+        for stage, runner in zip(self.stages, self.runners, strict=True):
             value = runner(value)
             if stage["output"].name in wanted:
                 results[stage["output"].name] = value
         return results
 
     def close(self) -> None:
-        for runner in self._runners:
+        for runner in self.runners:
             if isinstance(runner, _AcceleratorRunner):
                 runner.device.unload(runner.handle)
         if self._owns_device:

@@ -1,0 +1,217 @@
+"""The server process: one gRPC port for every protocol, health, reflection, metrics, TLS, auth,
+and a drain on shutdown that answers every request already accepted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+from fpgaserve.hal import Device, open_device
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
+from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
+
+from .auth import BearerTokenInterceptor
+from .core import ServingCore
+from .kserve import InferenceService
+from .metrics import Metrics
+from .model import ServedModel
+from .repository import ModelRepository, VersionPolicy
+from .scheduler import BatchingConfig
+from .tfserving import ModelService, PredictionService
+
+log = logging.getLogger("fpgaserve.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_NAMES = (
+    "tensorflow.serving.PredictionService",
+    "tensorflow.serving.ModelService",
+    v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+@dataclass
+class TlsConfig:
+    """Server certificate and key (PEM); with ``client_ca`` clients must present a certificate
+    signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``fpgaserve serve`` can set. Ports 0 pick free ones (tests)."""
+
+    archives: list[Path] = field(default_factory=list)
+    model_repository: Path | None = None
+    host: str = "0.0.0.0"
+    port: int = 8500
+    metrics_port: int | None = 8501  # None: no metrics endpoint
+    device: str = "emulator"
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    poll_seconds: float = 5.0
+    max_message_bytes: int = 64 * 2**20
+    threads: int = 64
+    tls: TlsConfig | None = None
+    auth_keys: list[bytes] = field(default_factory=list)
+    drain_seconds: float = 30.0
+    warmup: bool = True
+
+
+class FpgaServer:
+    """``start()`` serves at once (health NOT_SERVING while models load); ``stop()`` drains."""
+
+    def __init__(self, config: ServerConfig, device: Device | None = None) -> None:
+        self.config = config
+        self._owns_device = device is None
+        self.device = open_device(config.device) if device is None else device
+        self.metrics = Metrics()
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._health_lock = threading.Lock()
+        self._known_models: set[str] = set()
+        try:
+            self.repository = ModelRepository(
+                self.device,
+                config.batching,
+                archives=config.archives,
+                root=config.model_repository,
+                policy=config.version_policy,
+                warmup=config.warmup,
+                on_change=self._update_health,
+                on_new_model=self._instrument,
+            )
+        except BaseException:
+            self._close_device()
+            raise
+        self.core = ServingCore(self.repository, self.metrics)
+        self.grpc = self._build_grpc()
+        self.port = self._bind()
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def _build_grpc(self) -> grpc.Server:
+        limit = self.config.max_message_bytes
+        interceptors = (
+            [BearerTokenInterceptor(self.config.auth_keys)] if self.config.auth_keys else []
+        )
+        server = grpc.server(
+            ThreadPoolExecutor(self.config.threads, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+            # Past this many concurrent RPCs, answer RESOURCE_EXHAUSTED instead of queueing.
+            maximum_concurrent_rpcs=self.config.threads,
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionService(self.core), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.core), server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
+
+    def _bind(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls is not None:
+            port = self.grpc.add_secure_port(address, self.config.tls.credentials())
+        else:
+            port = self.grpc.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: is the port in use?")
+        return port
+
+    def _instrument(self, model: ServedModel) -> None:
+        model.on_batch = lambda role, size: self.metrics.batch_size.labels(
+            model.name, role
+        ).observe(size)
+
+    def _update_health(self) -> None:
+        """Per-model and overall status: SERVING only when ready and not draining."""
+        with self._health_lock:
+            names = set(self.repository.names())
+            draining = self.core.draining if hasattr(self, "core") else False
+            for name in names | self._known_models:
+                ok = name in names and self.repository.model_ready(name) and not draining
+                self.health.set(name, SERVING if ok else NOT_SERVING)
+            self._known_models = names
+            ready = self.repository.ready() and not draining
+            self.health.set("", SERVING if ready else NOT_SERVING)
+            for service in SERVICE_NAMES:
+                self.health.set(service, SERVING if ready else NOT_SERVING)
+            for model in self.repository.served():
+                self.metrics.model_ready.labels(model.name, str(model.version)).set(model.ready)
+                self.metrics.in_flight.labels(model.name).set_function(
+                    lambda m=model: m.scheduler.in_flight if m.scheduler else 0
+                )
+
+    def start(self) -> FpgaServer:
+        self._update_health()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+        self.grpc.start()
+        self.repository.start(self.config.poll_seconds)
+        log.info(
+            "serving on port %d (metrics on %s), device %s",
+            self.port,
+            self.metrics_port,
+            self.device.info.name,
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "device": self.device.info.name,
+            },
+        )
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new RPCs, let accepted ones finish (up to ``grace``
+        seconds), then unload every model and release the device."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.drain_seconds if grace is None else grace
+        self.core.draining = True
+        self._update_health()
+        log.info("draining: finishing accepted requests (up to %.0f s)", grace)
+        self.grpc.stop(grace).wait()
+        self.repository.close(grace)
+        self.metrics.close()
+        self._close_device()
+        log.info("stopped")
+
+    def _close_device(self) -> None:
+        if self._owns_device:
+            self.device.close()
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
+
+    def __enter__(self) -> FpgaServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

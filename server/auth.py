@@ -1,0 +1,77 @@
+"""Optional bearer-token authentication as Azure's clients send it: ``authorization: Bearer KEY``.
+
+Keys come from a file (one per line) and/or ``FPGASERVE_AUTH_KEYS`` (comma-separated). They are
+compared in constant time and never logged. Health checks stay open so that orchestrators'
+probes (kubelet's gRPC probe sends no metadata) work; every other RPC, metadata and model status
+included, needs a key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+KEYS_ENV = "FPGASERVE_AUTH_KEYS"
+
+
+def load_keys(path: Path | None, environ: dict[str, str] | None = None) -> list[bytes]:
+    """Keys from ``path`` (blank lines and ``#`` comments ignored) and the environment."""
+    environ = os.environ if environ is None else environ
+    keys = [key.strip() for key in environ.get(KEYS_ENV, "").split(",")]
+    if path is not None:
+        lines = path.read_text().splitlines()
+        keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+    keys = [key for key in keys if key]
+    if path is not None and not keys:
+        raise ValueError(f"auth keys file {path} holds no keys")
+    return [key.encode() for key in keys]
+
+
+def _aborting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that refuses the call."""
+
+    def refuse(request, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    factory: Callable = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(refuse)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self._keys = list(keys)
+        if not self._keys:
+            raise ValueError("bearer-token authentication needs at least one key")
+
+    def _authorized(self, metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+        values = [value for key, value in metadata if key == "authorization"]
+        if len(values) != 1:
+            return False
+        value = values[0].encode() if isinstance(values[0], str) else values[0]
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # Compare against every key, without stopping early, so timing says nothing.
+        return any([hmac.compare_digest(token.strip(), key) for key in self._keys])
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method in OPEN_METHODS:
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata or ()):
+            return handler
+        return _aborting(
+            handler,
+            "missing or invalid credentials: send the metadata 'authorization: Bearer "
+            "<key>' with a key this server accepts",
+        )

@@ -1,0 +1,120 @@
+"""What every protocol adapter shares: request ids, error answers, deadlines, metrics, logs.
+
+Adapters translate wire messages to ``infer(model, inputs, outputs)`` and back; everything else a
+request goes through (routing, admission, cancellation, status codes) happens here once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from .errors import DeadlineExceeded, ServingError
+from .metrics import Metrics
+from .model import ServedModel
+from .repository import ModelRepository
+
+log = logging.getLogger("fpgaserve.server")
+access_log = logging.getLogger("fpgaserve.access")
+
+T = TypeVar("T")
+REQUEST_ID = "x-request-id"
+
+
+def request_id(context: grpc.ServicerContext) -> str:
+    """The caller's ``x-request-id`` if it sent a sane one, else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        sane = isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable()
+        if key == REQUEST_ID and sane:
+            return value
+    return uuid.uuid4().hex
+
+
+class ServingCore:
+    def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
+        self.repository, self.metrics = repository, metrics
+        self.draining = False
+
+    def call(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        model_name: str,
+        handle: Callable[[dict[str, Any]], T],
+    ) -> T:
+        """Run ``handle`` for one RPC. A ``ServingError`` becomes its status; anything else is
+        logged with its traceback and answered INTERNAL with the request id to quote."""
+        rid = request_id(context)
+        context.send_initial_metadata(((REQUEST_ID, rid),))
+        record: dict[str, Any] = {"timings": None, "images": 0, "version": None}
+        started = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            return handle(record)
+        except ServingError as exc:
+            code, message = exc.code, str(exc)
+        except Exception:
+            log.exception("request %s failed", rid, extra={"request_id": rid})
+            code, message = grpc.StatusCode.INTERNAL, f"internal server error (request id {rid})"
+        finally:
+            ok = code == grpc.StatusCode.OK
+            # Only served names become label values: clients cannot grow the metric set.
+            label = model_name if model_name in self.repository.names() else "unknown"
+            self.metrics.observe_request(
+                label,
+                method,
+                code.name,
+                record["timings"] if ok else None,
+                record["images"] if ok else 0,
+            )
+            access_log.info(
+                "%s %s %s",
+                method,
+                model_name,
+                code.name,
+                extra={
+                    "request_id": rid,
+                    "method": method,
+                    "model": model_name,
+                    "version": record["version"],
+                    "code": code.name,
+                    "images": record["images"],
+                    "ms": round((time.perf_counter() - started) * 1e3, 3),
+                },
+            )
+        context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    def infer(
+        self,
+        context: grpc.ServicerContext,
+        record: dict[str, Any],
+        model: ServedModel,
+        inputs: dict[str, Any],
+        outputs: Sequence[str] | None,
+    ) -> dict[str, np.ndarray]:
+        """Submit one request to ``model`` and wait for it within the caller's deadline."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        record["version"] = model.version
+        job = model.submit(inputs, outputs, deadline)
+        context.add_callback(job.cancel)
+        try:
+            results = job.future.result(timeout=remaining)
+        except concurrent.futures.TimeoutError:
+            job.cancel()
+            raise DeadlineExceeded(
+                f"model {model.name!r} did not answer within the request's deadline "
+                f"({remaining:.3f} s); allow more time or reduce load"
+            ) from None
+        finally:
+            record["timings"] = dict(job.timings) or None
+        record["images"] = job.size
+        return results

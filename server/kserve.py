@@ -1,0 +1,117 @@
+"""KServe v2 / Open Inference Protocol ``inference.GRPCInferenceService`` (what KServe, Triton and
+their clients speak). Outputs are returned as ``raw_output_contents``, as Triton does; without
+requested outputs every model output is returned, as the protocol says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fpgaserve import __version__
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
+from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
+
+from .core import ServingCore
+from .errors import InvalidArgument, NotFound, Unavailable
+from .model import ServedModel
+from .tensors import V2_DATATYPES, from_v2_input, to_v2_output
+
+PLATFORM = "fpgaserve"
+
+
+def _version(text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidArgument(f"model version {text!r} must be a positive integer, or empty")
+    return int(text)
+
+
+def _metadata(spec) -> v2.ModelMetadataResponse.TensorMetadata:
+    return v2.ModelMetadataResponse.TensorMetadata(
+        name=spec.name,
+        datatype=V2_DATATYPES[spec.dtype],
+        shape=[-1 if size is None else size for size in spec.shape],
+    )
+
+
+class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def _model(self, name: str, version: str) -> ServedModel:
+        if not name:
+            raise InvalidArgument("the model name is required")
+        return self.core.repository.get(name, _version(version))
+
+    def ServerLive(self, request, context) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context) -> v2.ServerReadyResponse:
+        ready = self.core.repository.ready() and not self.core.draining
+        return v2.ServerReadyResponse(ready=ready)
+
+    def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
+        def handle(record: dict[str, Any]) -> v2.ModelReadyResponse:
+            if request.name not in self.core.repository.names():
+                raise NotFound(
+                    f"model {request.name!r} is not served here; "
+                    f"models: {self.core.repository.names()}"
+                )
+            try:
+                model = self._model(request.name, request.version)
+            except (NotFound, Unavailable):  # loading, failed, or that version is not served
+                return v2.ModelReadyResponse(ready=False)
+            return v2.ModelReadyResponse(ready=model.ready and not self.core.draining)
+
+        return self.core.call(context, "ModelReady", request.name, handle)
+
+    def ServerMetadata(self, request, context) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(name=PLATFORM, version=__version__, extensions=[])
+
+    def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
+        def handle(record: dict[str, Any]) -> v2.ModelMetadataResponse:
+            model = self._model(request.name, request.version)
+            versions = [
+                str(v)
+                for v, state, _ in self.core.repository.versions(model.name)
+                if state == "AVAILABLE"
+            ]
+            return v2.ModelMetadataResponse(
+                name=model.name,
+                versions=versions,
+                platform=PLATFORM,
+                inputs=[_metadata(spec) for spec in model.signature.inputs],
+                outputs=[_metadata(spec) for spec in model.signature.outputs],
+            )
+
+        return self.core.call(context, "ModelMetadata", request.name, handle)
+
+    def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
+        def handle(record: dict[str, Any]) -> v2.ModelInferResponse:
+            model = self._model(request.model_name, request.model_version)
+            raw = list(request.raw_input_contents)
+            if raw and len(raw) != len(request.inputs):
+                raise InvalidArgument(
+                    f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
+                    "inputs; give one per input, in order"
+                )
+            inputs = {}
+            for index, tensor in enumerate(request.inputs):
+                if tensor.name in inputs:
+                    raise InvalidArgument(f"input {tensor.name!r} is given twice")
+                inputs[tensor.name] = from_v2_input(tensor, raw[index] if raw else None)
+            wanted = [output.name for output in request.outputs] or [
+                spec.name for spec in model.signature.outputs
+            ]
+            results = self.core.infer(context, record, model, inputs, wanted)
+            response = v2.ModelInferResponse(
+                model_name=model.name, model_version=str(model.version), id=request.id
+            )
+            for name in wanted:
+                tensor, content = to_v2_output(name, results[name])
+                response.outputs.append(tensor)
+                response.raw_output_contents.append(content)
+            return response
+
+        return self.core.call(context, "ModelInfer", request.model_name, handle)

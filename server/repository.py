@@ -1,0 +1,309 @@
+"""The model repository: which archives are served under which name and version.
+
+Sources are archives named on the command line (version 1, name from the manifest) and/or a
+directory laid out as ``<name>/<version>/model.zip``. The directory is rescanned every
+``poll_seconds``: new versions are loaded (and warmed) before the versions they replace are
+drained and unloaded, so a broken new version never takes down the one already serving; a
+failed file is not retried until it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fpgaserve.hal import Device
+from fpgaserve.pipeline import read_manifest
+
+from .errors import NotFound, Unavailable
+from .model import AVAILABLE, END, ServedModel
+from .scheduler import BatchingConfig
+
+log = logging.getLogger("fpgaserve.server")
+
+ARCHIVE_FILE = "model.zip"
+LABELS_FILE = "version_labels.json"  # optional, per model: {"stable": 1, "canary": 2}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """Model names become directory names and metric labels: keep them plain."""
+    if not NAME.match(name):
+        raise ValueError(
+            f"model name {name!r} must be 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk to serve: ``latest`` (the highest), ``all``, or listed ones."""
+
+    kind: str = "latest"
+    versions: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        if text in ("latest", "all"):
+            return cls(text)
+        try:
+            versions = frozenset(int(part) for part in text.split(","))
+        except ValueError:
+            raise ValueError(
+                f"version policy {text!r}: use latest, all, or version numbers like 1,3"
+            ) from None
+        if not versions or min(versions) < 1:
+            raise ValueError(f"version policy {text!r}: version numbers start at 1")
+        return cls("specific", versions)
+
+    def select(self, versions: Iterable[int]) -> set[int]:
+        versions = set(versions)
+        if self.kind == "all":
+            return versions
+        if self.kind == "specific":
+            return versions & self.versions
+        return {max(versions)} if versions else set()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An archive on disk; ``stamp`` changes when the file does."""
+
+    path: Path
+    stamp: tuple[int, int]
+
+    @classmethod
+    def of(cls, path: Path) -> Candidate:
+        stat = path.stat()
+        return cls(path, (stat.st_mtime_ns, stat.st_size))
+
+
+class ModelRepository:
+    """Loads, routes to and unloads model versions; thread-safe."""
+
+    def __init__(
+        self,
+        device: Device,
+        batching: BatchingConfig,
+        *,
+        archives: Iterable[Path] = (),
+        root: Path | None = None,
+        policy: VersionPolicy = VersionPolicy(),
+        warmup: bool = True,
+        on_change: Callable[[], None] = lambda: None,
+        on_new_model: Callable[[ServedModel], None] = lambda model: None,
+    ) -> None:
+        self.device, self.batching, self.root, self.policy = device, batching, root, policy
+        self._warmup, self._on_change, self._on_new_model = warmup, on_change, on_new_model
+        self._lock = threading.RLock()
+        self._models: dict[str, dict[int, ServedModel]] = {}
+        self._failed: dict[tuple[str, int], tuple[Candidate, str]] = {}
+        self._labels: dict[str, dict[str, int]] = {}
+        self._fixed: dict[str, Candidate] = {}
+        for path in archives:
+            name = check_model_name(str(read_manifest(path)["name"]))
+            if name in self._fixed:
+                raise ValueError(
+                    f"two archives define model {name!r}: {self._fixed[name].path}, {path}"
+                )
+            self._fixed[name] = Candidate.of(Path(path))
+        if root is not None and not root.is_dir():
+            raise ValueError(f"model repository {root} is not a directory")
+        if root is None and not self._fixed:
+            raise ValueError("nothing to serve: give archives and/or a model repository directory")
+        self._stop = threading.Event()
+        self._first_sync = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._models) | set(self._fixed) | {n for n, _ in self._failed})
+
+    def get(self, name: str, version: int | None = None, label: str | None = None) -> ServedModel:
+        """The model version a request names, or the newest available one."""
+        with self._lock:
+            versions = self._models.get(name)
+            if versions is None:
+                if any(known == name for known, _ in self._failed):
+                    raise Unavailable(f"model {name!r} failed to load; see GetModelStatus")
+                raise NotFound(f"model {name!r} is not served here; models: {self.names()}")
+            if label:
+                labels = self._labels.get(name, {})
+                if label not in labels:
+                    raise NotFound(
+                        f"model {name!r} has no version label {label!r}; labels: {sorted(labels)}"
+                    )
+                version = labels[label]
+            available = {v: m for v, m in versions.items() if m.state == AVAILABLE}
+            if version is None:
+                if not available:
+                    raise Unavailable(f"model {name!r} is still loading; retry shortly")
+                return available[max(available)]
+            if version not in available:
+                state = versions[version].state if version in versions else "not present"
+                raise NotFound(
+                    f"model {name!r} version {version} is not available ({state}); "
+                    f"available versions: {sorted(available)}"
+                )
+            return available[version]
+
+    def versions(self, name: str) -> list[tuple[int, str, str]]:
+        """(version, state, error) of every version known for ``name``, for status calls."""
+        with self._lock:
+            rows = {v: (v, m.state, m.error) for v, m in self._models.get(name, {}).items()}
+            for (known, version), (_, error) in self._failed.items():
+                if known == name and version not in rows:
+                    rows[version] = (version, END, error)
+        if not rows:
+            raise NotFound(f"model {name!r} is not served here; models: {self.names()}")
+        return [rows[v] for v in sorted(rows)]
+
+    def model_ready(self, name: str) -> bool:
+        with self._lock:
+            return any(m.ready for m in self._models.get(name, {}).values())
+
+    def ready(self) -> bool:
+        """The first load pass is over and every loaded model has a version AVAILABLE on a
+        healthy device. A model none of whose versions loads is reported by its own health
+        status and GetModelStatus, not by keeping the whole server out of rotation."""
+        with self._lock:
+            return (
+                self._first_sync.is_set()
+                and bool(self._models)
+                and all(self.model_ready(name) for name in self._models)
+            )
+
+    def served(self) -> list[ServedModel]:
+        with self._lock:
+            return [m for versions in self._models.values() for m in versions.values()]
+
+    # -- loading and reloading -------------------------------------------------------------
+
+    def start(self, poll_seconds: float = 5.0) -> None:
+        """Load everything in the background, then keep the directory in sync."""
+
+        def loop() -> None:
+            self.sync()
+            while self.root is not None and not self._stop.wait(poll_seconds):
+                self.sync()
+
+        self._poller = threading.Thread(target=loop, name="model-repository", daemon=True)
+        self._poller.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """True once the first pass has tried to load everything."""
+        return self._first_sync.wait(timeout)
+
+    def scan(self) -> dict[str, dict[int, Candidate]]:
+        found = {name: {1: candidate} for name, candidate in self._fixed.items()}
+        if self.root is None:
+            return found
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or not NAME.match(folder.name) or folder.name in found:
+                continue
+            versions = {}
+            for sub in folder.iterdir():
+                archive = sub / ARCHIVE_FILE
+                if sub.name.isdigit() and int(sub.name) > 0 and archive.is_file():
+                    versions[int(sub.name)] = Candidate.of(archive)
+            if versions:
+                found[folder.name] = versions
+            self._read_labels(folder)
+        return found
+
+    def _read_labels(self, folder: Path) -> None:
+        path = folder / LABELS_FILE
+        if not path.is_file():
+            self._labels.pop(folder.name, None)
+            return
+        try:
+            labels = json.loads(path.read_text())
+            if not all(isinstance(k, str) and isinstance(v, int) for k, v in labels.items()):
+                raise ValueError("expected {label: version number}")
+            self._labels[folder.name] = labels
+        except (ValueError, AttributeError, OSError) as exc:
+            log.error("ignoring %s: %s", path, exc)
+
+    def sync(self) -> None:
+        """One reconcile pass: load what the policy wants and is new or changed, then unload
+        what it no longer wants (only once a replacement is available)."""
+        try:
+            found = self.scan()
+        except OSError as exc:
+            log.error("cannot scan the model repository %s: %s", self.root, exc)
+            return
+        for name, candidates in found.items():
+            served = self._models.get(name, {})
+            usable = {
+                version: candidate
+                for version, candidate in candidates.items()
+                if version in served or not self._known_bad(name, version, candidate)
+            }
+            for version in sorted(self.policy.select(usable)):
+                candidate, current = usable[version], served.get(version)
+                if current is not None and current.stamp == candidate.stamp:
+                    continue
+                if not self._known_bad(name, version, candidate):
+                    self._load(name, version, candidate)
+        self._retire(found)
+        self._first_sync.set()
+        self._on_change()
+
+    def _known_bad(self, name: str, version: int, candidate: Candidate) -> bool:
+        """This very file failed before; it is retried only once it changes."""
+        failed = self._failed.get((name, version))
+        return failed is not None and failed[0] == candidate
+
+    def _load(self, name: str, version: int, candidate: Candidate) -> None:
+        model = ServedModel(
+            name, version, candidate.path, self.batching, self._on_change, candidate.stamp
+        )
+        self._on_new_model(model)
+        log.info("loading model %s version %d from %s", name, version, candidate.path)
+        try:
+            model.load(self.device, warmup=self._warmup)
+        except Exception as exc:
+            log.error("model %s version %d failed to load: %s", name, version, exc)
+            with self._lock:
+                self._failed[(name, version)] = (candidate, str(exc))
+            return
+        with self._lock:
+            self._failed.pop((name, version), None)
+            previous = self._models.setdefault(name, {}).get(version)
+            self._models[name][version] = model
+        log.info("model %s version %d is available", name, version)
+        if previous is not None:
+            previous.unload()
+
+    def _retire(self, found: dict[str, dict[int, Candidate]]) -> None:
+        retired = []
+        with self._lock:
+            for name, versions in list(self._models.items()):
+                on_disk = found.get(name, {})
+                wanted = self.policy.select(
+                    v for v in on_disk if v in versions and versions[v].state == AVAILABLE
+                )
+                for version in list(versions):
+                    if version not in wanted:
+                        retired.append(versions.pop(version))
+                if not versions:
+                    del self._models[name]
+        for model in retired:
+            log.info("unloading model %s version %d", model.name, model.version)
+            model.unload()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop polling, drain and unload every version."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout)
+        for model in self.served():
+            model.unload(timeout)

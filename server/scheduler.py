@@ -1,0 +1,275 @@
+"""Stage pipelining and dynamic batching for one model version.
+
+Each pipeline stage has its own worker thread and queue, so while the device featurizes one batch
+the CPU preprocesses the next and classifies the previous one: throughput approaches the slowest
+stage, not the sum. A worker takes everything already waiting (up to the batch limit) and runs it
+as one batch; it never waits for company when nothing is on its way, so a lone batch-1 request pays
+nothing for batching. Admission is bounded: past ``max_queue_size`` images in flight a request is
+refused at once with RESOURCE_EXHAUSTED instead of growing memory without bound.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+    as_serving_error,
+)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Per-model batching limits (``fpgaserve serve --max-batch-size`` etc.)."""
+
+    max_batch_size: int = 8
+    # How long the device stage may hold a partial batch for requests already in earlier
+    # stages. Never spent when nothing is upstream.
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0:
+            raise ValueError(
+                "batching needs max_batch_size >= 1, max_queue_size >= 1, max_queue_delay >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage as the scheduler sees it: a batch function and where its time is reported."""
+
+    role: str  # "preprocess", "device" or "classify": the metric label
+    output: str
+    run: Callable[[Any], np.ndarray]
+    batches: bool = True  # False: one request per call (the stage's function is not batch-safe)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: ``size`` images entering at stage ``start`` and leaving after ``last``."""
+
+    value: Any
+    size: int
+    start: int
+    last: int
+    wanted: frozenset[str]
+    deadline: float | None = None  # time.monotonic() seconds
+    future: Future = field(default_factory=Future)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """The client went away; the job is dropped before its next stage."""
+        self.cancelled = True
+
+    def add_time(self, role: str, seconds: float) -> None:
+        self.timings[role] = self.timings.get(role, 0.0) + seconds
+
+
+class _StageQueue:
+    def __init__(self) -> None:
+        self.jobs: deque[Job] = deque()
+        self.ready = threading.Condition()
+
+
+class Scheduler:
+    """Runs jobs through ``stages`` (index order) on one thread per stage."""
+
+    def __init__(
+        self,
+        name: str,
+        stages: Sequence[StageSpec],
+        device_stage: int,
+        config: BatchingConfig,
+        on_batch: Callable[[str, int], None] = lambda role, size: None,
+        on_fault: Callable[[BaseException], None] = lambda exc: None,
+        on_success: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name, self.stages, self.config = name, list(stages), config
+        self.device_stage = device_stage
+        self._on_batch, self._on_fault, self._on_success = on_batch, on_fault, on_success
+        self._queues = [_StageQueue() for _ in self.stages]
+        self._lock = threading.Lock()
+        self._in_flight = 0  # images admitted and not yet resolved
+        # Jobs that will reach each stage and have not been taken by it yet.
+        self._upstream = [0] * len(self.stages)
+        self._accepting = True
+        self._idle = threading.Condition(self._lock)
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"{name}:{s.role}", daemon=True)
+            for i, s in enumerate(self.stages)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def submit(self, job: Job) -> Job:
+        """Admit ``job`` or refuse it at once; the answer arrives on ``job.future``."""
+        if job.size > self.config.max_queue_size:
+            raise InvalidArgument(
+                f"a request may carry at most {self.config.max_queue_size} images; "
+                f"got {job.size}: split it into smaller requests"
+            )
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable(f"model {self.name!r} is shutting down; retry on another replica")
+            if self._in_flight + job.size > self.config.max_queue_size:
+                raise ResourceExhausted(
+                    f"model {self.name!r} is overloaded ({self._in_flight} images in flight, "
+                    f"limit {self.config.max_queue_size}); retry with backoff"
+                )
+            self._in_flight += job.size
+            for index in range(job.start + 1, job.last + 1):
+                self._upstream[index] += 1
+        self._enqueue(job.start, job)
+        return job
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new jobs and wait until every admitted one is answered."""
+        with self._idle:
+            self._accepting = False
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain, then stop the worker threads."""
+        self.drain(timeout)
+        for queue in self._queues:
+            with queue.ready:
+                queue.jobs.append(None)  # type: ignore[arg-type]  # the stop signal
+                queue.ready.notify()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _enqueue(self, index: int, job: Job) -> None:
+        queue = self._queues[index]
+        with queue.ready:
+            queue.jobs.append(job)
+            queue.ready.notify()
+
+    def _take(self, index: int) -> list[Job] | None:
+        """Block for one job, then add what is already waiting, up to the batch limit."""
+        queue, limit = self._queues[index], self.config.max_batch_size
+        with queue.ready:
+            queue.ready.wait_for(lambda: queue.jobs)
+            if queue.jobs[0] is None:
+                return None
+            batch = [queue.jobs.popleft()]
+            if not self.stages[index].batches:
+                return self._taken(index, batch)
+            wait_until = None
+            if index == self.device_stage and self.config.max_queue_delay_s > 0:
+                wait_until = time.monotonic() + self.config.max_queue_delay_s
+            while sum(job.size for job in batch) < limit:
+                if queue.jobs and queue.jobs[0] is not None:
+                    if sum(job.size for job in batch) + queue.jobs[0].size > limit:
+                        break
+                    batch.append(queue.jobs.popleft())
+                    continue
+                # Wait only for requests that are already in earlier stages.
+                remaining = (wait_until or 0) - time.monotonic()
+                coming = self._upstream[index] - len(queue.jobs) - self._counted(index, batch)
+                if remaining <= 0 or coming <= 0:
+                    break
+                queue.ready.wait(remaining)
+            return self._taken(index, batch)
+
+    def _counted(self, index: int, batch: list[Job]) -> int:
+        return sum(1 for job in batch if job.start < index)
+
+    def _taken(self, index: int, batch: list[Job]) -> list[Job]:
+        with self._lock:
+            self._upstream[index] -= self._counted(index, batch)
+        return batch
+
+    def _work(self, index: int) -> None:
+        stage = self.stages[index]
+        while (batch := self._take(index)) is not None:
+            started = time.perf_counter()
+            live = [job for job in batch if self._still_wanted(job, index, started)]
+            if not live:
+                continue
+            self._on_batch(stage.role, sum(job.size for job in live))
+            self._run_batch(index, stage, live)
+
+    def _still_wanted(self, job: Job, index: int, now: float) -> bool:
+        if index == job.start:
+            job.timings["queue"] = now - job.submitted
+        if job.cancelled:
+            self._finish(job, index, Cancelled("the client cancelled the request"))
+            return False
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            self._finish(
+                job,
+                index,
+                DeadlineExceeded(
+                    "the deadline passed while the request waited for the "
+                    f"{self.stages[index].role} stage; allow more time or reduce load"
+                ),
+            )
+            return False
+        return True
+
+    def _run_batch(self, index: int, stage: StageSpec, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            values = [job.value for job in jobs]
+            merged = values[0] if len(values) == 1 else np.concatenate(values)
+            result = stage.run(merged)
+        except Exception as exc:
+            if len(jobs) > 1:  # find whose input failed: each job alone
+                for job in jobs:
+                    self._run_batch(index, stage, [job])
+                return
+            if index == self.device_stage:
+                self._on_fault(exc)
+            self._finish(jobs[0], index, as_serving_error(exc))
+            return
+        if index == self.device_stage:
+            self._on_success()
+        elapsed = time.perf_counter() - started
+        offset = 0
+        for job in jobs:
+            part = result[offset : offset + job.size]
+            offset += job.size
+            job.add_time(stage.role, elapsed)
+            if stage.output in job.wanted:
+                job.outputs[stage.output] = part
+            if index == job.last:
+                self._finish(job, index, None)
+            else:
+                job.value = part
+                self._enqueue(index + 1, job)
+
+    def _finish(self, job: Job, index: int, error: ServingError | None) -> None:
+        job.timings["total"] = time.perf_counter() - job.submitted
+        with self._lock:
+            self._in_flight -= job.size
+            for later in range(index + 1, job.last + 1):
+                self._upstream[later] -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+        if error is None:
+            job.future.set_result(job.outputs)
+        else:
+            job.future.set_exception(error)

@@ -1,0 +1,220 @@
+"""TensorFlow Serving's ``PredictionService`` and ``ModelService``, on the official wire types of
+the ``tensorflow-serving-api`` package, so existing TF Serving and Azure/Brainwave clients work
+unchanged.
+
+Predict without an ``output_filter`` returns exactly one output, the class probabilities, as
+Brainwave's service did; the features (and any other output) come when named in the filter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_shape_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
+
+from .core import ServingCore
+from .errors import FailedPrecondition, InvalidArgument, ServingError
+from .model import ServedModel
+from .tensors import TF_DTYPES, from_tensor_proto, to_tensor_proto
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+_STATE = get_model_status_pb2.ModelVersionStatus.State
+_UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a version that failed to load
+
+
+def _model(core: ServingCore, spec: model_pb2.ModelSpec) -> ServedModel:
+    if not spec.name:
+        raise InvalidArgument("model_spec.name is required: name the model to call")
+    version = spec.version.value if spec.HasField("version") else None
+    return core.repository.get(spec.name, version, spec.version_label or None)
+
+
+def _signatures(model: ServedModel) -> dict[str, Any]:
+    """One signature per accepted input: ``serving_default`` takes the service input (images);
+    the others are named after their input (e.g. ``preprocessed``, the featurizer input)."""
+    assert model.signature is not None
+    return {
+        (DEFAULT_SIGNATURE if index == 0 else spec.name): spec
+        for index, spec in enumerate(model.signature.inputs)
+    }
+
+
+def _check_signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> None:
+    signatures = _signatures(model)
+    if not name:
+        return
+    if name not in signatures:
+        raise FailedPrecondition(
+            f"serving signature {name!r} not found; model {model.name!r} has {sorted(signatures)}"
+        )
+    expected = signatures[name].name
+    if set(inputs) != {expected}:
+        raise InvalidArgument(f"signature {name!r} takes input {expected!r}, got {sorted(inputs)}")
+
+
+def _tensor_info(spec) -> meta_graph_pb2.TensorInfo:
+    return meta_graph_pb2.TensorInfo(
+        name=f"{spec.name}:0",
+        dtype=TF_DTYPES[spec.dtype],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[
+                tensor_shape_pb2.TensorShapeProto.Dim(size=-1 if size is None else size)
+                for size in spec.shape
+            ]
+        ),
+    )
+
+
+def _reply_spec(model: ServedModel, signature: str) -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=model.name, signature_name=signature or DEFAULT_SIGNATURE)
+    spec.version.value = model.version
+    return spec
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        def handle(record: dict[str, Any]) -> predict_pb2.PredictResponse:
+            model = _model(self.core, request.model_spec)
+            inputs = {name: from_tensor_proto(name, t) for name, t in request.inputs.items()}
+            _check_signature(model, request.model_spec.signature_name, inputs)
+            outputs = self.core.infer(
+                context, record, model, inputs, list(request.output_filter) or None
+            )
+            return predict_pb2.PredictResponse(
+                model_spec=_reply_spec(model, request.model_spec.signature_name),
+                outputs={name: to_tensor_proto(value) for name, value in outputs.items()},
+            )
+
+        return self.core.call(context, "Predict", request.model_spec.name, handle)
+
+    def Classify(
+        self, request: classification_pb2.ClassificationRequest, context
+    ) -> classification_pb2.ClassificationResponse:
+        """Each tf.Example carries one image as a bytes feature named like the service input
+        (``images``); the answer lists every class, most likely first, with its label."""
+
+        def handle(record: dict[str, Any]) -> classification_pb2.ClassificationResponse:
+            model = _model(self.core, request.model_spec)
+            key = model.signature.inputs[0].name
+            _check_signature(model, request.model_spec.signature_name, {key: None})
+            examples = list(request.input.example_list.examples) or list(
+                request.input.example_list_with_context.examples
+            )
+            if not examples:
+                raise InvalidArgument("the request carries no examples; send one per image")
+            images = []
+            for index, example in enumerate(examples):
+                values = example.features.feature[key].bytes_list.value
+                if len(values) != 1:
+                    raise InvalidArgument(
+                        f"example {index} needs exactly one image in bytes feature {key!r}"
+                    )
+                images.append(values[0])
+            images_array = np.empty(len(images), dtype=object)
+            images_array[:] = images
+            (scores,) = self.core.infer(context, record, model, {key: images_array}, None).values()
+            labels = model.labels or [str(i) for i in range(scores.shape[1])]
+            result = classification_pb2.ClassificationResult()
+            for row in scores:
+                classes = result.classifications.add().classes
+                for index in np.argsort(-row, kind="stable"):
+                    classes.add(label=labels[index], score=float(row[index]))
+            return classification_pb2.ClassificationResponse(
+                model_spec=_reply_spec(model, request.model_spec.signature_name), result=result
+            )
+
+        return self.core.call(context, "Classify", request.model_spec.name, handle)
+
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        def handle(record: dict[str, Any]) -> get_model_metadata_pb2.GetModelMetadataResponse:
+            if list(request.metadata_field) != ["signature_def"]:
+                raise InvalidArgument(
+                    "metadata_field must be ['signature_def'], the only metadata served"
+                )
+            model = _model(self.core, request.model_spec)
+            outputs = {spec.name: _tensor_info(spec) for spec in model.signature.outputs}
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            for name, spec in _signatures(model).items():
+                signatures.signature_def[name].CopyFrom(
+                    meta_graph_pb2.SignatureDef(
+                        inputs={spec.name: _tensor_info(spec)},
+                        outputs=outputs,
+                        method_name=PREDICT_METHOD,
+                    )
+                )
+            response = get_model_metadata_pb2.GetModelMetadataResponse(
+                model_spec=_reply_spec(model, "")
+            )
+            response.metadata["signature_def"].Pack(signatures)
+            return response
+
+        return self.core.call(context, "GetModelMetadata", request.model_spec.name, handle)
+
+    def Regress(self, request, context):
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Regress is not served: fpgaserve models classify; use Predict or Classify",
+        )
+
+    def MultiInference(self, request, context):
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "MultiInference is not served; send one Predict or Classify per task",
+        )
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        def handle(record: dict[str, Any]) -> get_model_status_pb2.GetModelStatusResponse:
+            spec = request.model_spec
+            if not spec.name:
+                raise InvalidArgument("model_spec.name is required: name the model to ask about")
+            rows = self.core.repository.versions(spec.name)
+            if spec.HasField("version"):
+                rows = [row for row in rows if row[0] == spec.version.value]
+                if not rows:
+                    raise ServingError(
+                        f"model {spec.name!r} has no version {spec.version.value}",
+                        grpc.StatusCode.NOT_FOUND,
+                    )
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for version, state, error in rows:
+                status = status_pb2.StatusProto(
+                    error_code=_UNKNOWN_ERROR if error else 0, error_message=error
+                )
+                response.model_version_status.add(
+                    version=version, state=_STATE.Value(state), status=status
+                )
+            return response
+
+        return self.core.call(context, "GetModelStatus", request.model_spec.name, handle)
+
+    def HandleReloadConfigRequest(self, request, context):
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "reload by changing the model repository directory; it is watched",
+        )

@@ -1,0 +1,307 @@
+"""The real server on real sockets, called with the official TensorFlow Serving stubs, the KServe
+v2 stubs, and the gRPC health and reflection clients."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from servers import CLASSES, channel, jpeg, running, tiny_archive
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from fpgaserve.pipeline import Pipeline
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
+from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
+from fpgaserve.server import ServerConfig
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
+
+
+@pytest.fixture(scope="module")
+def server(archive):
+    with running(ServerConfig(archives=[archive])) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with channel(server) as ch:
+        yield prediction_service_pb2_grpc.PredictionServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def v2_stub(server):
+    with channel(server) as ch:
+        yield v2_grpc.GRPCInferenceServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def expected(archive):
+    """What the pipeline answers in-process, for the same images."""
+    with Pipeline.load(archive) as pipeline:
+        images = [jpeg(0), jpeg(1)]
+        return pipeline.run({"images": images}, outputs=["features", "probabilities"])
+
+
+def predict_request(images, model="tiny", **spec) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    for key, value in spec.items():
+        if key == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, key, value)
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+    return request
+
+
+def error_of(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, timeout=30, **kwargs)
+    return info.value
+
+
+# -- TensorFlow Serving ------------------------------------------------------------------------
+
+
+def test_predict_returns_only_the_probabilities_bit_exact(stub, expected):
+    request = predict_request([jpeg(0), jpeg(1)], signature_name="serving_default")
+    # Azure's client sends a routing header the server does not use: it must be ignored.
+    response = stub.Predict(
+        request, timeout=30, metadata=[("x-ms-aml-grpc-service-route", "/api/v1/service/x")]
+    )
+    assert list(response.outputs) == ["probabilities"]
+    probabilities = tf.make_ndarray(response.outputs["probabilities"])
+    np.testing.assert_array_equal(probabilities, expected["probabilities"])
+    assert response.model_spec.name == "tiny" and response.model_spec.version.value == 1
+
+
+def test_output_filter_and_featurizer_input(stub, expected, archive):
+    request = predict_request([jpeg(0), jpeg(1)], version=1)
+    request.output_filter.extend(["features", "probabilities"])
+    response = stub.Predict(request, timeout=30)
+    assert sorted(response.outputs) == ["features", "probabilities"]
+    np.testing.assert_array_equal(tf.make_ndarray(response.outputs["features"]), expected["features"])
+
+    # Float tensors enter at the featurizer ("preprocessed"), skipping JPEG decoding.
+    with Pipeline.load(archive) as pipeline:
+        preprocessed = pipeline.run({"images": [jpeg(0)]}, outputs=["preprocessed"])
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    request.inputs["preprocessed"].CopyFrom(tf.make_tensor_proto(preprocessed["preprocessed"]))
+    response = stub.Predict(request, timeout=30)
+    np.testing.assert_array_equal(
+        tf.make_ndarray(response.outputs["probabilities"]), expected["probabilities"][:1]
+    )
+
+
+BAD_PREDICTS = [
+    ("unknown model", lambda: predict_request([jpeg()], model="nope"), "NOT_FOUND", "nope"),
+    ("no model name", lambda: predict_request([jpeg()], model=""), "INVALID_ARGUMENT", "name"),
+    ("unknown version", lambda: predict_request([jpeg()], version=7), "NOT_FOUND", "version 7"),
+    ("unknown label", lambda: predict_request([jpeg()], version_label="stable"), "NOT_FOUND",
+     "label"),
+    ("unknown signature", lambda: predict_request([jpeg()], signature_name="x"),
+     "FAILED_PRECONDITION", "signature"),
+    ("not an image", lambda: predict_request([b"\xff\xd8 not a jpeg"]), "INVALID_ARGUMENT", ""),
+    ("empty batch", lambda: predict_request(np.array([], dtype=object).astype(bytes)),
+     "INVALID_ARGUMENT", "empty"),
+    ("wrong dtype", lambda: _with_input("images", tf.make_tensor_proto(np.zeros(3, np.int32))),
+     "INVALID_ARGUMENT", "DT_INT32"),
+    ("wrong shape", lambda: _with_input("preprocessed", tf.make_tensor_proto(np.zeros((1, 5, 5, 3),
+     np.float32))), "INVALID_ARGUMENT", "[N, 224, 224, 3]"),
+    ("NaN input", lambda: _with_input("preprocessed", tf.make_tensor_proto(np.full((1, 224, 224, 3),
+     np.nan, np.float32))), "INVALID_ARGUMENT", "NaN"),
+    ("unknown input", lambda: _with_input("pixels", tf.make_tensor_proto([b"x"])),
+     "INVALID_ARGUMENT", "no input 'pixels'"),
+    ("unknown output", lambda: _with_filter("logits"), "INVALID_ARGUMENT", "logits"),
+    ("content too short", lambda: _with_input("preprocessed", _short_tensor()), "INVALID_ARGUMENT",
+     "bytes"),
+]  # fmt: skip
+
+
+def _with_input(name, tensor):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    request.inputs[name].CopyFrom(tensor)
+    return request
+
+
+def _with_filter(name):
+    request = predict_request([jpeg()])
+    request.output_filter.append(name)
+    return request
+
+
+def _short_tensor():
+    tensor = tf.make_tensor_proto(np.zeros((1, 224, 224, 3), np.float32))
+    tensor.tensor_content = tensor.tensor_content[:-4]
+    return tensor
+
+
+@pytest.mark.parametrize("case", BAD_PREDICTS, ids=[case[0] for case in BAD_PREDICTS])
+def test_bad_predicts_get_the_right_status_and_the_server_keeps_serving(stub, case):
+    _, make, code, fragment = case
+    error = error_of(stub.Predict, make())
+    assert error.code().name == code, error.details()
+    assert fragment in error.details()
+    assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs["probabilities"]
+
+
+def test_metadata_status_and_classify(server):
+    with channel(server) as ch:
+        prediction = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = "tiny"
+        response = prediction.GetModelMetadata(request, timeout=30)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        default = signatures.signature_def["serving_default"]
+        assert list(default.inputs) == ["images"]
+        assert default.inputs["images"].dtype == tf.string.as_datatype_enum
+        assert sorted(default.outputs) == ["features", "probabilities"]
+        assert [d.size for d in default.outputs["probabilities"].tensor_shape.dim] == [-1, 10]
+        assert list(signatures.signature_def["preprocessed"].inputs) == ["preprocessed"]
+
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = "tiny"
+        models = model_service_pb2_grpc.ModelServiceStub(ch)
+        (status,) = models.GetModelStatus(status_request, timeout=30).model_version_status
+        assert (status.version, status.state) == (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+
+        classify = classification_pb2.ClassificationRequest()
+        classify.model_spec.name = "tiny"
+        example = classify.input.example_list.examples.add()
+        example.features.feature["images"].bytes_list.value.append(jpeg(0))
+        (result,) = prediction.Classify(classify, timeout=30).result.classifications
+        scores = [c.score for c in result.classes]
+        assert len(scores) == len(CLASSES) and scores == sorted(scores, reverse=True)
+        assert {c.label for c in result.classes} == set(CLASSES)
+
+
+# -- KServe v2 ---------------------------------------------------------------------------------
+
+
+def test_v2_server_and_model_calls(v2_stub, expected):
+    assert v2_stub.ServerLive(v2.ServerLiveRequest(), timeout=10).live
+    assert v2_stub.ServerReady(v2.ServerReadyRequest(), timeout=10).ready
+    assert v2_stub.ModelReady(v2.ModelReadyRequest(name="tiny"), timeout=10).ready
+    assert not v2_stub.ModelReady(v2.ModelReadyRequest(name="tiny", version="9"), timeout=10).ready
+    assert v2_stub.ServerMetadata(v2.ServerMetadataRequest(), timeout=10).name == "fpgaserve"
+    metadata = v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="tiny"), timeout=10)
+    assert metadata.versions == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("images", "BYTES", [-1]), ("preprocessed", "FP32", [-1, 224, 224, 3])
+    ]  # fmt: skip
+
+    # Raw BYTES: each element is a 4-byte little-endian length, then its bytes.
+    images = [jpeg(0), jpeg(1)]
+    raw = b"".join(len(image).to_bytes(4, "little") + image for image in images)
+    request = v2.ModelInferRequest(model_name="tiny", id="req-7", raw_input_contents=[raw])
+    request.inputs.add(name="images", datatype="BYTES", shape=[2])
+    response = v2_stub.ModelInfer(request, timeout=30)
+    assert response.id == "req-7" and response.model_version == "1"
+    assert [o.name for o in response.outputs] == ["features", "probabilities"]
+    probabilities = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(2, 10)
+    np.testing.assert_array_equal(probabilities, expected["probabilities"])
+
+    # Typed contents, one requested output.
+    request = v2.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="images", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        images[1]
+    )
+    request.outputs.add(name="probabilities")
+    (content,) = v2_stub.ModelInfer(request, timeout=30).raw_output_contents
+    np.testing.assert_array_equal(np.frombuffer(content, "<f4"), expected["probabilities"][1])
+
+
+def _v2_request(**fields):
+    request = v2.ModelInferRequest(model_name=fields.pop("model", "tiny"), **fields)
+    return request
+
+
+BAD_V2 = [
+    ("unknown model", lambda: _v2_request(model="nope"), "NOT_FOUND"),
+    ("bad version", lambda: _v2_request(model_version="one"), "INVALID_ARGUMENT"),
+    ("no inputs", lambda: _v2_request(), "INVALID_ARGUMENT"),
+    ("INT64 input", lambda: _v2_input("images", "INT64", [1], b"\0" * 8), "INVALID_ARGUMENT"),
+    ("truncated BYTES", lambda: _v2_input("images", "BYTES", [1], b"\x10\0\0\0abc"),
+     "INVALID_ARGUMENT"),
+    ("FP32 size", lambda: _v2_input("preprocessed", "FP32", [1, 224, 224, 3], b"\0" * 12),
+     "INVALID_ARGUMENT"),
+    ("negative dim", lambda: _v2_input("images", "BYTES", [-1], b""), "INVALID_ARGUMENT"),
+]  # fmt: skip
+
+
+def _v2_input(name, datatype, shape, raw):
+    request = _v2_request(raw_input_contents=[raw])
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    return request
+
+
+@pytest.mark.parametrize("case", BAD_V2, ids=[case[0] for case in BAD_V2])
+def test_bad_v2_requests(v2_stub, case):
+    _, make, code = case
+    error = error_of(v2_stub.ModelInfer, make())
+    assert error.code().name == code, error.details()
+
+
+# -- health, reflection, metrics ---------------------------------------------------------------
+
+
+def test_health_reflection_and_metrics(server, stub):
+    with channel(server) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "tiny", "tensorflow.serving.PredictionService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+        database = ProtoReflectionDescriptorDatabase(ch)
+        services = set(database.get_services())
+        assert {
+            "tensorflow.serving.PredictionService",
+            "tensorflow.serving.ModelService",
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+        } <= services
+        pool = descriptor_pool.DescriptorPool(database)
+        method = pool.FindServiceByName("inference.GRPCInferenceService").methods_by_name
+        assert "ModelInfer" in method
+
+    stub.Predict(predict_request([jpeg()]), timeout=30)
+    text = urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics").read().decode()
+    for stage in ("queue", "preprocess", "device", "classify", "total"):
+        assert f'fpgaserve_stage_seconds_bucket{{le="0.1",model="tiny",stage="{stage}"}}' in text
+    assert 'fpgaserve_requests_total{code="OK",method="Predict",model="tiny"}' in text
+    assert 'fpgaserve_requests_total{code="NOT_FOUND",method="Predict",model="unknown"}' in text
+
+
+def test_message_size_limit(archive):
+    config = ServerConfig(archives=[archive], max_message_bytes=256 * 1024)
+    with running(config) as server, channel(server) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        big = jpeg(0, size=(600, 600))
+        assert len(big) > 256 * 1024
+        error = error_of(stub.Predict, predict_request([big]))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in error.details()
+        assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs
