@@ -120,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         version_policy=VersionPolicy.parse(args.version_policy),
         poll_seconds=float(args.poll_seconds),
         max_message_bytes=int(float(args.max_message_mb) * 2**20),
+        max_image_pixels=int(args.max_image_pixels),
         tls=TlsConfig(Path(args.tls_cert), Path(args.tls_key),
                       Path(args.tls_client_ca) if args.tls_client_ca else None)
         if args.tls_cert else None,
@@ -194,6 +195,11 @@ def _add_serve(commands) -> None:
         "--max-message-mb",
         default=_env("max-message-mb", 64),
         help="largest request or response in MiB (default 64)",
+    )
+    serve.add_argument(
+        "--max-image-pixels",
+        default=_env("max-image-pixels", 40_000_000),
+        help="largest image (width x height) accepted; its header is checked before decoding",
     )
     serve.add_argument(
         "--version-policy",

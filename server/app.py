@@ -20,6 +20,7 @@ from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .core import ServingCore
+from .images import DEFAULT_MAX_PIXELS
 from .kserve import InferenceService
 from .metrics import Metrics
 from .model import ServedModel
@@ -69,6 +70,7 @@ class ServerConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     poll_seconds: float = 5.0
     max_message_bytes: int = 64 * 2**20
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     threads: int = 64
     tls: TlsConfig | None = None
     auth_keys: list[bytes] = field(default_factory=list)
@@ -96,7 +98,7 @@ class FpgaServer:
                 policy=config.version_policy,
                 warmup=config.warmup,
                 on_change=self._update_health,
-                on_new_model=self._instrument,
+                on_new_model=self._configure_model,
             )
         except BaseException:
             self._close_device()
@@ -144,7 +146,8 @@ class FpgaServer:
             raise OSError(f"cannot listen on {address}: is the port in use?")
         return port
 
-    def _instrument(self, model: ServedModel) -> None:
+    def _configure_model(self, model: ServedModel) -> None:
+        model.max_image_pixels = self.config.max_image_pixels
         model.on_batch = lambda role, size: self.metrics.batch_size.labels(
             model.name, role
         ).observe(size)

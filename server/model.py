@@ -22,6 +22,7 @@ from fpgaserve.hal import Device
 from fpgaserve.pipeline import Pipeline, TensorSpec
 
 from .errors import InvalidArgument
+from .images import DEFAULT_MAX_PIXELS, check_images
 from .scheduler import BatchingConfig, Job, Scheduler, StageSpec
 
 log = logging.getLogger("fpgaserve.server")
@@ -70,6 +71,7 @@ class ServedModel:
     ) -> None:
         self.name, self.version, self.path, self.batching = name, version, path, batching
         self.stamp = stamp  # (mtime, size) of the archive this instance was loaded from
+        self.max_image_pixels = DEFAULT_MAX_PIXELS
         self.state, self.error = LOADING, ""
         self.device_healthy = True
         self._on_health = on_health
@@ -141,6 +143,8 @@ class ServedModel:
         ((name, value),) = inputs.items()
         spec, start = self._input(name)
         value = _conform(spec, value)
+        if spec.dtype == "string":
+            check_images(value.ravel(), self.max_image_pixels)
         wanted = list(outputs) if outputs else [self.signature.default_output]
         known = [spec.name for spec in self.signature.outputs]
         unknown = sorted(set(wanted) - set(known))

@@ -104,6 +104,7 @@ class ModelRepository:
         self._lock = threading.RLock()
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._failed: dict[tuple[str, int], tuple[Candidate, str]] = {}
+        self._loading: dict[tuple[str, int], ServedModel] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._fixed: dict[str, Candidate] = {}
         for path in archives:
@@ -125,13 +126,16 @@ class ModelRepository:
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(set(self._models) | set(self._fixed) | {n for n, _ in self._failed})
+            others = {name for name, _ in (*self._failed, *self._loading)}
+            return sorted(set(self._models) | set(self._fixed) | others)
 
     def get(self, name: str, version: int | None = None, label: str | None = None) -> ServedModel:
         """The model version a request names, or the newest available one."""
         with self._lock:
             versions = self._models.get(name)
             if versions is None:
+                if any(known == name for known, _ in self._loading):
+                    raise Unavailable(f"model {name!r} is still loading; retry shortly")
                 if any(known == name for known, _ in self._failed):
                     raise Unavailable(f"model {name!r} failed to load; see GetModelStatus")
                 raise NotFound(f"model {name!r} is not served here; models: {self.names()}")
@@ -158,7 +162,8 @@ class ModelRepository:
     def versions(self, name: str) -> list[tuple[int, str, str]]:
         """(version, state, error) of every version known for ``name``, for status calls."""
         with self._lock:
-            rows = {v: (v, m.state, m.error) for v, m in self._models.get(name, {}).items()}
+            rows = {v: (v, m.state, m.error) for (n, v), m in self._loading.items() if n == name}
+            rows |= {v: (v, m.state, m.error) for v, m in self._models.get(name, {}).items()}
             for (known, version), (_, error) in self._failed.items():
                 if known == name and version not in rows:
                     rows[version] = (version, END, error)
@@ -268,14 +273,18 @@ class ModelRepository:
         )
         self._on_new_model(model)
         log.info("loading model %s version %d from %s", name, version, candidate.path)
+        with self._lock:
+            self._loading[(name, version)] = model
         try:
             model.load(self.device, warmup=self._warmup)
-        except Exception as exc:
+        except Exception as exc:  # any load failure: the version already serving stays
             log.error("model %s version %d failed to load: %s", name, version, exc)
             with self._lock:
+                del self._loading[(name, version)]
                 self._failed[(name, version)] = (candidate, str(exc))
             return
         with self._lock:
+            del self._loading[(name, version)]
             self._failed.pop((name, version), None)
             previous = self._models.setdefault(name, {}).get(version)
             self._models[name][version] = model

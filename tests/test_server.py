@@ -100,7 +100,8 @@ def test_output_filter_and_featurizer_input(stub, expected, archive):
     request.output_filter.extend(["features", "probabilities"])
     response = stub.Predict(request, timeout=30)
     assert sorted(response.outputs) == ["features", "probabilities"]
-    np.testing.assert_array_equal(tf.make_ndarray(response.outputs["features"]), expected["features"])
+    features = tf.make_ndarray(response.outputs["features"])
+    np.testing.assert_array_equal(features, expected["features"])
 
     # Float tensors enter at the featurizer ("preprocessed"), skipping JPEG decoding.
     with Pipeline.load(archive) as pipeline:
@@ -186,7 +187,8 @@ def test_metadata_status_and_classify(server):
         status_request.model_spec.name = "tiny"
         models = model_service_pb2_grpc.ModelServiceStub(ch)
         (status,) = models.GetModelStatus(status_request, timeout=30).model_version_status
-        assert (status.version, status.state) == (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        assert (status.version, status.state) == (1, available)
 
         classify = classification_pb2.ClassificationRequest()
         classify.model_spec.name = "tiny"
@@ -305,3 +307,30 @@ def test_message_size_limit(archive):
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in error.details()
         assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width`` x ``height``: a decompression bomb's calling card."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("image", "fragment"),
+    [
+        (_png_header(100_000, 100_000), "100000x100000 pixels"),
+        (b"GIF89a" + b"\0" * 20, "not a readable JPEG or PNG"),
+        (b"", "empty"),
+        (jpeg(0)[:200], "could not be processed"),  # truncated: the header is intact
+    ],
+    ids=["huge declared size", "gif", "empty", "truncated jpeg"],
+)
+def test_hostile_images_are_refused_before_decoding(stub, image, fragment):
+    error = error_of(stub.Predict, predict_request([jpeg(1), image]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in error.details()

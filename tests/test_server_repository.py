@@ -1,0 +1,147 @@
+"""The model repository: versions appear, change, break and disappear under a running server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import GatedDevice, channel, jpeg, running, tiny_archive
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+)
+from test_server import predict_request
+
+from fpgaserve.server import ServerConfig, VersionPolicy
+
+State = get_model_status_pb2.ModelVersionStatus
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> dict[int, Path]:
+    folder = tmp_path_factory.mktemp("versions")
+    return {seed: tiny_archive(folder / f"v{seed}.zip", seed=seed) for seed in (1, 2)}
+
+
+def place(root: Path, version: int, source: Path | bytes, name: str = "tiny") -> None:
+    folder = root / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.zip"
+    if isinstance(source, bytes):
+        target.write_bytes(source)
+    else:
+        shutil.copy(source, target.with_suffix(".tmp"))
+        target.with_suffix(".tmp").rename(target)  # how to publish: write, then rename
+
+
+def statuses(ch, name="tiny") -> dict[int, tuple[int, str]]:
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = name
+    reply = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(request, timeout=10)
+    return {s.version: (s.state, s.status.error_message) for s in reply.model_version_status}
+
+
+def eventually(check, timeout: float = 60.0):
+    """Poll ``check`` until it returns a truthy value (the repository rescans in the background)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        time.sleep(0.1)
+
+
+def served_version(ch, **spec) -> int:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+    return stub.Predict(predict_request([jpeg()], **spec), timeout=30).model_spec.version.value
+
+
+def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path):
+    root = tmp_path / "models"
+    place(root, 1, archives[1])
+    config = ServerConfig(model_repository=root, poll_seconds=0.2)
+    with running(config) as server, channel(server) as ch:
+        assert served_version(ch) == 1
+
+        place(root, 2, archives[2])
+        eventually(lambda: statuses(ch) == {2: (State.AVAILABLE, "")})
+        assert served_version(ch) == 2
+
+        place(root, 3, b"this is not a zip archive")
+        eventually(lambda: 3 in statuses(ch))
+        state, error = statuses(ch)[3]
+        assert state == State.END and "not a readable zip archive" in error
+        assert statuses(ch)[2] == (State.AVAILABLE, "")
+        assert served_version(ch) == 2  # the broken version never took over
+
+        place(root, 3, archives[1])  # fixed: the new file is retried
+        eventually(lambda: statuses(ch) == {3: (State.AVAILABLE, "")})
+
+        (root / "tiny" / "version_labels.json").write_text(json.dumps({"stable": 3}))
+        eventually(lambda: served_version(ch, version_label="stable") == 3)
+
+        shutil.rmtree(root / "tiny")  # the clean unload
+        error = eventually(lambda: _not_found(ch))
+        assert "not served here" in error
+
+
+def _not_found(ch) -> str | None:
+    try:
+        served_version(ch)
+    except grpc.RpcError as exc:
+        return exc.details() if exc.code() == grpc.StatusCode.NOT_FOUND else None
+    return None
+
+
+def test_policy_all_serves_every_version(archives, tmp_path):
+    root = tmp_path / "models"
+    place(root, 1, archives[1])
+    place(root, 2, archives[2])
+    config = ServerConfig(model_repository=root, version_policy=VersionPolicy.parse("all"))
+    with running(config) as server, channel(server) as ch:
+        assert served_version(ch, version=1) == 1
+        assert served_version(ch, version=2) == 2
+        assert served_version(ch) == 2
+
+
+def test_health_is_not_serving_while_loading(archives, tmp_path):
+    device = GatedDevice()
+    device.gate.clear()  # warmup cannot finish
+    config = ServerConfig(archives=[archives[1]])
+    with running(config, device, wait=False) as server, channel(server) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        check = health_pb2.HealthCheckRequest
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health.Check(check(), timeout=10).status == not_serving
+        with pytest.raises(grpc.RpcError) as info:
+            served_version(ch)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "loading" in info.value.details()
+        device.gate.set()
+        eventually(
+            lambda: (
+                health.Check(check(service="tiny"), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+        )
+        assert served_version(ch) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("newest", "use latest, all"), ("0,1", "start at 1")],
+)
+def test_bad_version_policies(text, message):
+    with pytest.raises(ValueError, match=message):
+        VersionPolicy.parse(text)

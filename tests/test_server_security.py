@@ -1,0 +1,132 @@
+"""TLS, mutual TLS and bearer tokens on the real server, with certificates made by the test."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from servers import jpeg, make_pki, running, tiny_archive
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+)
+from test_server import predict_request
+
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
+from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
+from fpgaserve.server import ServerConfig, TlsConfig
+from fpgaserve.server.auth import load_keys
+
+KEY = "s3cr3t-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def secure_channel(server, ca: Path, cert: Path | None = None, key: Path | None = None):
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(f"localhost:{server.port}", credentials)
+
+
+def predict(ch, metadata=()):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+    return stub.Predict(predict_request([jpeg()]), timeout=30, metadata=metadata)
+
+
+def test_tls_and_mutual_tls(archive, pki, tmp_path):
+    tls = TlsConfig(pki["server"], pki["server_key"])
+    with running(ServerConfig(archives=[archive], tls=tls)) as server:
+        with secure_channel(server, pki["ca"]) as ch:
+            assert predict(ch).outputs["probabilities"]
+        other = make_pki(tmp_path, "other")
+        with secure_channel(server, other["ca"]) as ch, pytest.raises(grpc.RpcError) as info:
+            predict(ch)  # the server's certificate does not chain to this CA
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    mutual = TlsConfig(pki["server"], pki["server_key"], client_ca=pki["ca"])
+    with running(ServerConfig(archives=[archive], tls=mutual)) as server:
+        with secure_channel(server, pki["ca"], pki["client"], pki["client_key"]) as ch:
+            assert predict(ch).outputs["probabilities"]
+        with secure_channel(server, pki["ca"]) as ch, pytest.raises(grpc.RpcError) as info:
+            predict(ch)  # no client certificate
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        foreign = make_pki(tmp_path, "foreign")
+        with (
+            secure_channel(server, pki["ca"], foreign["client"], foreign["client_key"]) as ch,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            predict(ch)  # a client certificate from a CA the server does not trust
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_tokens_guard_every_rpc_but_health(archive, caplog):
+    caplog.set_level(logging.INFO, logger="fpgaserve")
+    config = ServerConfig(archives=[archive], auth_keys=[b"other-key", KEY.encode()])
+    with running(config) as server, grpc.insecure_channel(f"localhost:{server.port}") as ch:
+        good = [("authorization", f"Bearer {KEY}")]
+        assert predict(ch, good).outputs["probabilities"]
+
+        status = get_model_status_pb2.GetModelStatusRequest()
+        status.model_spec.name = "tiny"
+        calls = [
+            lambda md: predict(ch, md),
+            lambda md: model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(
+                status, timeout=10, metadata=md
+            ),
+            lambda md: v2_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(
+                v2.ModelMetadataRequest(name="tiny"), timeout=10, metadata=md
+            ),
+            lambda md: v2_grpc.GRPCInferenceServiceStub(ch).ServerLive(
+                v2.ServerLiveRequest(), timeout=10, metadata=md
+            ),
+            lambda md: list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                timeout=10, metadata=md,
+            )),
+        ]  # fmt: skip
+        bad_metadata = [
+            (),
+            [("authorization", "Bearer wrong")],
+            [("authorization", KEY)],  # no scheme
+            [("authorization", f"Basic {KEY}")],
+        ]
+        for call in calls:
+            call(good)
+            for metadata in bad_metadata:
+                with pytest.raises(grpc.RpcError) as info:
+                    call(metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "Bearer" in info.value.details()
+
+        # Orchestrators' probes carry no token.
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert caplog.records, "the server logs requests"
+    assert not [r for r in caplog.records if KEY in r.getMessage() or KEY in str(vars(r))]
+
+
+def test_keys_come_from_a_file_and_the_environment(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# operators' keys\nkey-one\n\n  key-two  \n")
+    assert load_keys(path, {"FPGASERVE_AUTH_KEYS": "key-three, "}) == [
+        b"key-three", b"key-one", b"key-two"
+    ]  # fmt: skip
+    path.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no keys"):
+        load_keys(path, {})
