@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench devices golden clean
+.PHONY: serve test lint bench devices golden protos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -14,11 +14,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-serve: $(STAMP)
-	@echo "fpgaserve: the gRPC server arrives in Step 4. 'make serve' will then build the default"
-	@echo "model (ResNet-50, msfp16) and serve it on port 8500 with the emulator as device."
-	@echo "Devices this machine can use now:"
-	@$(BIN)/fpgaserve devices
+# The default model: ResNet-50 in msfp16, ImageNet weights when Keras can download them, else
+# random weights with a loud warning (recorded as weights: random in the model's metadata).
+MODELS := models
+DEFAULT_MODEL := $(MODELS)/resnet50/1/model.zip
+
+$(DEFAULT_MODEL): $(STAMP)
+	$(BIN)/fpgaserve build resnet50 --format msfp16 --weights auto -o $@
+
+serve: $(DEFAULT_MODEL)
+	$(BIN)/fpgaserve serve --model-repository $(MODELS) --log-format text
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,8 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/opencl_resnet50.py
 
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
 golden: $(STAMP)
 	$(BIN)/python tests/golden/generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MODELS) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -40,6 +40,26 @@ def _read_labels(path: Path) -> list[str]:
     return [str(name) for name in data]
 
 
+# Keras's own ImageNet class index (what keras.applications' decode_predictions downloads).
+IMAGENET_CLASS_INDEX = (
+    "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json",
+    "c2c37ea517e94d9795004a39431a14cb",
+)
+
+
+def _imagenet_labels() -> list[str] | None:
+    """ImageNet class names through Keras's download cache; None (with a note) offline."""
+    import keras
+
+    url, md5 = IMAGENET_CLASS_INDEX
+    try:
+        path = keras.utils.get_file("imagenet_class_index.json", url, file_hash=md5)
+    except Exception as exc:  # Keras raises many kinds for a failed download
+        print(f"note: no ImageNet class names ({exc}); pass --labels FILE to add them")
+        return None
+    return _read_labels(Path(path))
+
+
 def _calibration_images(folder: Path, preset: str, count: int):
     from .preprocessing import preprocess
 
@@ -73,11 +93,17 @@ def _build(args: argparse.Namespace) -> int:
         model = QuantizedKerasModel(args.model, args.format, calibration=calibration)
     weights = model.compiled.program.metadata.get("weights", "from the .keras file")
     if weights.startswith("random"):
-        print("WARNING: random weights: predictions will be meaningless", file=sys.stderr)
+        print("*" * 78 + "\nWARNING: RANDOM WEIGHTS: this model's predictions are meaningless "
+              "(metadata\nrecords weights: random). Use --weights imagenet or a weights file.\n"
+              + "*" * 78, file=sys.stderr)  # fmt: skip
     definition = ModelDefinition(
         args.name or (args.model if args.model in ZOO else Path(args.model).stem),
         [ImagePreprocessing(preset=preset), model.featurizer(), model.default_classifier()],
-        _read_labels(args.labels) if args.labels else None,
+        _read_labels(args.labels)
+        if args.labels
+        else _imagenet_labels()
+        if args.model in ZOO
+        else None,
     )
     path = definition.save(args.output)
     print(
@@ -251,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     devices.set_defaults(handler=_devices)
     build = commands.add_parser("build", help="compile a model into a service definition archive")
     build.add_argument("model", metavar="MODEL", help="a zoo name (resnet50, ...) or a .keras file")
-    build.add_argument("--weights", default="imagenet", help="imagenet, random, or a file path")
+    build.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet, random, auto (imagenet if it can be downloaded, else random), or a path",
+    )
     build.add_argument("--format", default="msfp16", help="msfp16, msfp12, mxint8 or fp32")
     build.add_argument("-o", "--output", required=True, type=Path, help="archive to write")
     build.add_argument("--name", help="service name (default: the model name)")

@@ -200,7 +200,9 @@ class FpgaServer:
         self.core.draining = True
         self._update_health()
         log.info("draining: finishing accepted requests (up to %.0f s)", grace)
-        self.grpc.stop(grace).wait()
+        if not self.core.drain(grace):
+            log.warning("drain timed out after %.0f s; cancelling what is left", grace)
+        self.grpc.stop(1.0).wait()
         self.repository.close(grace)
         self.metrics.close()
         self._close_device()

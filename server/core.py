@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from .errors import DeadlineExceeded, ServingError
+from .errors import DeadlineExceeded, ServingError, Unavailable
 from .metrics import Metrics
 from .model import ServedModel
 from .repository import ModelRepository
@@ -41,6 +42,15 @@ class ServingCore:
     def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
         self.repository, self.metrics = repository, metrics
         self.draining = False
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def drain(self, timeout: float) -> bool:
+        """Answer new calls UNAVAILABLE (clients retry elsewhere) and wait for the calls already
+        accepted to finish; True when they all did."""
+        with self._idle:
+            self.draining = True
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
 
     def call(
         self,
@@ -56,7 +66,12 @@ class ServingCore:
         record: dict[str, Any] = {"timings": None, "images": 0, "version": None}
         started = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
+        with self._idle:
+            accepted = not self.draining
+            self._active += accepted
         try:
+            if not accepted:
+                raise Unavailable("the server is shutting down; retry on another replica")
             return handle(record)
         except ServingError as exc:
             code, message = exc.code, str(exc)
@@ -64,6 +79,9 @@ class ServingCore:
             log.exception("request %s failed", rid, extra={"request_id": rid})
             code, message = grpc.StatusCode.INTERNAL, f"internal server error (request id {rid})"
         finally:
+            with self._idle:
+                self._active -= accepted
+                self._idle.notify_all()
             ok = code == grpc.StatusCode.OK
             # Only served names become label values: clients cannot grow the metric set.
             label = model_name if model_name in self.repository.names() else "unknown"

@@ -108,7 +108,7 @@ class ServedModel:
                 for role, stage, runner in zip(roles, stages, self.pipeline.runners, strict=True)
             ]
             self.scheduler = Scheduler(
-                f"{self.name}:{self.version}",
+                f"{self.name!r} version {self.version}",
                 specs,
                 device_index,
                 self.batching,

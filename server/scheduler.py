@@ -131,10 +131,10 @@ class Scheduler:
             )
         with self._lock:
             if not self._accepting:
-                raise Unavailable(f"model {self.name!r} is shutting down; retry on another replica")
+                raise Unavailable(f"model {self.name} is shutting down; retry on another replica")
             if self._in_flight + job.size > self.config.max_queue_size:
                 raise ResourceExhausted(
-                    f"model {self.name!r} is overloaded ({self._in_flight} images in flight, "
+                    f"model {self.name} is overloaded ({self._in_flight} images in flight, "
                     f"limit {self.config.max_queue_size}); retry with backoff"
                 )
             self._in_flight += job.size

@@ -8,6 +8,7 @@ pooling (1024 * alpha). The tests check each.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +64,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class RandomWeightsWarning(UserWarning):
+    """ImageNet weights could not be had and random ones were used instead."""
+
+
 def build_zoo_model(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[keras.Model, str]:
     """The Keras model and a provenance string for its weights.
 
-    ``weights``: "imagenet" (Keras's download and cache), "random" (explicit, seeded), or a path
-    to a weights file. Random weights are never chosen silently.
+    ``weights``: "imagenet" (Keras's download and cache), "random" (explicit, seeded), "auto"
+    (ImageNet when Keras can get them, else random with a loud warning: what `make serve` uses on
+    machines without internet), or a path to a weights file. Random weights are never chosen
+    silently: the provenance says "random" and lands in the program's metadata.
     """
     if name not in ZOO:
         raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
     entry = ZOO[name]
+    if weights == "auto":
+        try:
+            return build_zoo_model(name, "imagenet", seed)
+        except WeightsUnavailableError as exc:
+            warnings.warn(
+                f"{exc}. FALLING BACK TO RANDOM WEIGHTS: the model's predictions are meaningless",
+                RandomWeightsWarning,
+                stacklevel=2,
+            )
+            return build_zoo_model(name, "random", seed)
     if weights == "random":
         keras.utils.set_random_seed(seed)
         return entry.build(None), f"random (seed {seed})"

@@ -97,6 +97,7 @@ class ModelDefinition:
                 "provenance": _provenance(self.pipeline),
                 "members": members,
             }
+            path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(path.name + ".partial")
             with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr(MANIFEST, json.dumps(manifest, indent=1))

@@ -1,0 +1,145 @@
+"""Batching, admission, deadlines, device faults and draining, on the real server. A gated
+emulator holds the device so that queues can be filled deterministically."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import GatedDevice, channel, jpeg, running, tiny_archive
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+from test_server import predict_request
+from test_server_repository import eventually
+
+from fpgaserve.pipeline import Pipeline
+from fpgaserve.server import BatchingConfig, ServerConfig
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
+
+
+def stub_of(ch):
+    return prediction_service_pb2_grpc.PredictionServiceStub(ch)
+
+
+def wait_for_runs(device: GatedDevice, scheduler, in_flight: int) -> None:
+    eventually(lambda: scheduler.in_flight == in_flight, timeout=30)
+
+
+def test_queued_requests_share_a_device_batch_and_get_their_own_bits(archive):
+    device = GatedDevice()
+    config = ServerConfig(archives=[archive], batching=BatchingConfig(max_batch_size=8))
+    with running(config, device) as server, channel(server) as ch, ThreadPoolExecutor(8) as pool:
+        model = server.repository.get("tiny")
+        device.gate.clear()
+        runs_before = device.runs
+        futures = [pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
+                   for i in range(5)]  # fmt: skip
+        wait_for_runs(device, model.scheduler, 5)
+        time.sleep(0.2)  # let the preprocess stage hand everything to the device queue
+        device.gate.set()
+        results = [tf.make_ndarray(f.result().outputs["probabilities"]) for f in futures]
+        # The first request ran alone (the device was idle); the other four waited together.
+        assert device.runs - runs_before == 2
+    with Pipeline.load(archive) as pipeline:
+        for i, result in enumerate(results):
+            expected = pipeline.run({"images": [jpeg(i)]})["probabilities"]
+            np.testing.assert_array_equal(result, expected)
+
+
+def test_overload_is_refused_at_once_and_bounded(archive):
+    device = GatedDevice()
+    batching = BatchingConfig(max_batch_size=2, max_queue_size=4)
+    config = ServerConfig(archives=[archive], batching=batching)
+    with running(config, device) as server, channel(server) as ch, ThreadPoolExecutor(4) as pool:
+        model = server.repository.get("tiny")
+        device.gate.clear()
+        futures = [pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
+                   for i in range(4)]  # fmt: skip
+        wait_for_runs(device, model.scheduler, 4)
+        with pytest.raises(grpc.RpcError) as info:
+            stub_of(ch).Predict(predict_request([jpeg()]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "overloaded" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub_of(ch).Predict(predict_request([jpeg()] * 5), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # can never fit
+        device.gate.set()
+        assert all(f.result().outputs["probabilities"] for f in futures)
+        eventually(lambda: model.scheduler.in_flight == 0)
+
+
+def test_deadlines_and_cancellation_free_their_place(archive):
+    device = GatedDevice()
+    with running(ServerConfig(archives=[archive]), device) as server, channel(server) as ch:
+        model = server.repository.get("tiny")
+        device.gate.clear()
+        with pytest.raises(grpc.RpcError) as info:
+            stub_of(ch).Predict(predict_request([jpeg()]), timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        call = stub_of(ch).Predict.future(predict_request([jpeg(1)]), timeout=60)
+        wait_for_runs(device, model.scheduler, 2)
+        call.cancel()
+        device.gate.set()
+        eventually(lambda: model.scheduler.in_flight == 0)
+        assert stub_of(ch).Predict(predict_request([jpeg()]), timeout=60).outputs
+
+
+def test_a_lone_request_never_waits_for_a_batch(archive):
+    # A 30 s batching delay applies only while other requests are on their way.
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_s=30.0)
+    config = ServerConfig(archives=[archive], batching=batching)
+    with running(config) as server, channel(server) as ch:
+        assert stub_of(ch).Predict(predict_request([jpeg()]), timeout=10).outputs
+
+
+def test_device_fault_flips_health_and_recovers_without_restart(archive):
+    device = GatedDevice()
+    with running(ServerConfig(archives=[archive]), device) as server, channel(server) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+
+        def status(service=""):
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+        device.failing.set()
+        with pytest.raises(grpc.RpcError) as info:
+            stub_of(ch).Predict(predict_request([jpeg()]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry" in info.value.details()
+        assert status("tiny") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        device.failing.clear()  # the board is back: the server's own probe notices
+        eventually(lambda: status("tiny") == health_pb2.HealthCheckResponse.SERVING)
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        assert stub_of(ch).Predict(predict_request([jpeg()]), timeout=30).outputs
+
+
+def test_stop_drains_accepted_requests(archive):
+    device = GatedDevice()
+    config = ServerConfig(archives=[archive], drain_seconds=30)
+    with running(config, device) as server, channel(server) as ch, ThreadPoolExecutor(4) as pool:
+        model = server.repository.get("tiny")
+        device.gate.clear()
+        futures = [pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
+                   for i in range(3)]  # fmt: skip
+        wait_for_runs(device, model.scheduler, 3)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        eventually(lambda: server.core.draining)
+        with pytest.raises(grpc.RpcError) as info:  # new work is refused while draining
+            stub_of(ch).Predict(predict_request([jpeg()]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        device.gate.set()
+        assert all(f.result().outputs["probabilities"] for f in futures)  # none lost
+        stopper.join(30)
+        assert not stopper.is_alive()
