@@ -23,7 +23,7 @@ WORKDIR /src
 # Dependencies first (TensorFlow is most of the image): this layer is rebuilt only when
 # pyproject.toml changes, not on every source change.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 
 # The package itself (the design card's top-level folders install as fpgaserve.* subpackages).

@@ -152,6 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.tls_cert else None,
         auth_keys=load_keys(Path(args.auth_keys_file) if args.auth_keys_file else None),
         drain_seconds=float(args.drain_seconds),
+        max_connection_age_s=float(args.max_connection_age_seconds),
     )  # fmt: skip
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -166,7 +167,19 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    if args.tls_ca:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        )
+        options = [("grpc.ssl_target_name_override", args.tls_server_name)]
+        channel = grpc.secure_channel(
+            args.address, credentials, options if args.tls_server_name else None
+        )
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
@@ -177,6 +190,57 @@ def _health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address} {args.service or '(server)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .client import PredictionError, V2PredictionClient, top_k
+
+    client_class = V2PredictionClient
+    if args.protocol == "tfserving":
+        from .client import PredictionClient as client_class
+    client = client_class(
+        args.address, use_ssl=bool(args.ssl or args.ca), access_token=args.token or "",
+        model_name=args.model, root_certificates=Path(args.ca).read_bytes() if args.ca else None,
+        timeout=args.timeout,
+    )  # fmt: skip
+    results = {}
+    with client:
+        for image in args.images:
+            try:
+                scores = client.score_file(image)
+            except PredictionError as exc:
+                print(f"fpgaserve predict: {image}: {exc}", file=sys.stderr)
+                return 1
+            results[image] = top_k(scores, args.top)
+    if args.json:
+        print(json.dumps({image: [{"class": name, "confidence": p} for name, p in best]
+                          for image, best in results.items()}, indent=2))  # fmt: skip
+        return 0
+    for image, best in results.items():
+        print(image)
+        for name, confidence in best:
+            print(f"  {confidence:7.2%}  {name}")
+    return 0
+
+
+def _add_predict(commands) -> None:
+    predict = commands.add_parser("predict", help="classify images with a running server")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
+    predict.add_argument("--address", default=_env("address", "localhost:8500"))
+    predict.add_argument("--model", default="", help="model name (needed if several are served)")
+    predict.add_argument("--top", type=int, default=5, help="how many classes to print")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument(
+        "--protocol",
+        choices=["v2", "tfserving"],
+        default="v2",
+        help="KServe v2 (default; no TensorFlow needed) or TF Serving",
+    )
+    predict.add_argument("--ssl", action="store_true", help="TLS with the system's CAs")
+    predict.add_argument("--ca", help="TLS with this CA certificate (PEM)")
+    predict.add_argument("--token", default=_env("token"), help="bearer token (FPGASERVE_TOKEN)")
+    predict.add_argument("--timeout", type=float, default=30.0, help="seconds per image")
+    predict.set_defaults(handler=_predict)
 
 
 def _add_serve(commands) -> None:
@@ -254,6 +318,12 @@ def _add_serve(commands) -> None:
         default=_env("drain-seconds", 30),
         help="on SIGTERM, how long accepted requests may take to finish",
     )
+    serve.add_argument(
+        "--max-connection-age-seconds",
+        default=_env("max-connection-age-seconds", 0),
+        help="close client connections after this long so they rebalance over new replicas "
+        "(default 0: never)",
+    )
     serve.add_argument("--log-format", default=_env("log-format", "json"), choices=["json", "text"])
     serve.set_defaults(handler=_serve)
     health = commands.add_parser(
@@ -262,6 +332,12 @@ def _add_serve(commands) -> None:
     health.add_argument("--address", default="localhost:8500")
     health.add_argument("--service", default="", help="a model name; empty for the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--tls-ca", default=_env("health-tls-ca"), help="CA of a TLS server (PEM)")
+    health.add_argument(
+        "--tls-cert", default=_env("health-tls-cert"), help="client certificate (mTLS)"
+    )
+    health.add_argument("--tls-key", default=_env("health-tls-key"), help="client key (mTLS)")
+    health.add_argument("--tls-server-name", help="name in the server certificate, if not the host")
     health.set_defaults(handler=_health)
 
 
@@ -292,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--labels", type=Path, help="class names: JSON list or Keras class index")
     build.set_defaults(handler=_build)
     _add_serve(commands)
+    _add_predict(commands)
     return parser
 
 
@@ -304,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
+    except ModuleNotFoundError as exc:  # a light install (the client only) running a server command
+        print(f"fpgaserve {args.command}: needs {exc.name!r}, part of the server install: "
+              "pip install 'fpgaserve[server]'", file=sys.stderr)  # fmt: skip
+        return 1
     except (ValueError, RuntimeError, OSError, KeyError) as exc:
         # Every error we raise on purpose says what to fix; no traceback for users.
         print(f"fpgaserve {args.command}: error: {exc}", file=sys.stderr)

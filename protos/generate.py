@@ -36,7 +36,12 @@ def generate(target: Path) -> list[Path]:
     return written
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``generate.py``: update this folder. ``generate.py --out DIR``: write into DIR only."""
+    if argv[:1] == ["--out"]:
+        for path in generate(Path(argv[1])):
+            print(path)
+        return 0
     with tempfile.TemporaryDirectory() as scratch:
         for path in generate(Path(scratch)):
             (HERE / path.name).write_bytes(path.read_bytes())
@@ -45,4 +50,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -75,6 +75,9 @@ class ServerConfig:
     tls: TlsConfig | None = None
     auth_keys: list[bytes] = field(default_factory=list)
     drain_seconds: float = 30.0
+    # Clients reconnect after this long, so that new replicas behind a headless Service get
+    # traffic (gRPC keeps one connection per backend). 0: never.
+    max_connection_age_s: float = 0.0
     warmup: bool = True
 
 
@@ -111,6 +114,11 @@ class FpgaServer:
 
     def _build_grpc(self) -> grpc.Server:
         limit = self.config.max_message_bytes
+        age = [
+            ("grpc.max_connection_age_ms", int(self.config.max_connection_age_s * 1e3)),
+            ("grpc.max_connection_age_grace_ms", int(self.config.drain_seconds * 1e3)),
+        ]
+        age = age if self.config.max_connection_age_s > 0 else []
         interceptors = (
             [BearerTokenInterceptor(self.config.auth_keys)] if self.config.auth_keys else []
         )
@@ -121,6 +129,7 @@ class FpgaServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                *age,
             ],
             # Past this many concurrent RPCs, answer RESOURCE_EXHAUSTED instead of queueing.
             maximum_concurrent_rpcs=self.config.threads,
@@ -137,7 +146,10 @@ class FpgaServer:
         return server
 
     def _bind(self) -> int:
-        address = f"{self.config.host}:{self.config.port}"
+        host = self.config.host
+        if ":" in host and not host.startswith("["):  # an IPv6 address such as ::
+            host = f"[{host}]"
+        address = f"{host}:{self.config.port}"
         if self.config.tls is not None:
             port = self.grpc.add_secure_port(address, self.config.tls.credentials())
         else:

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from fpgaserve.wire import WireError
+
 from .errors import DeadlineExceeded, ServingError, Unavailable
 from .metrics import Metrics
 from .model import ServedModel
@@ -62,8 +64,14 @@ class ServingCore:
         """Run ``handle`` for one RPC. A ``ServingError`` becomes its status; anything else is
         logged with its traceback and answered INTERNAL with the request id to quote."""
         rid = request_id(context)
-        context.send_initial_metadata(((REQUEST_ID, rid),))
-        record: dict[str, Any] = {"timings": None, "images": 0, "version": None}
+        # Trailing metadata travels with the status: no extra message on the wire.
+        context.set_trailing_metadata(((REQUEST_ID, rid),))
+        record: dict[str, Any] = {
+            "timings": None,
+            "images": 0,
+            "model": model_name,
+            "version": None,
+        }
         started = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         with self._idle:
@@ -75,6 +83,8 @@ class ServingCore:
             return handle(record)
         except ServingError as exc:
             code, message = exc.code, str(exc)
+        except WireError as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception:
             log.exception("request %s failed", rid, extra={"request_id": rid})
             code, message = grpc.StatusCode.INTERNAL, f"internal server error (request id {rid})"
@@ -84,7 +94,7 @@ class ServingCore:
                 self._idle.notify_all()
             ok = code == grpc.StatusCode.OK
             # Only served names become label values: clients cannot grow the metric set.
-            label = model_name if model_name in self.repository.names() else "unknown"
+            label = record["model"] if record["model"] in self.repository.names() else "unknown"
             self.metrics.observe_request(
                 label,
                 method,
@@ -95,12 +105,12 @@ class ServingCore:
             access_log.info(
                 "%s %s %s",
                 method,
-                model_name,
+                record["model"],
                 code.name,
                 extra={
                     "request_id": rid,
                     "method": method,
-                    "model": model_name,
+                    "model": record["model"],
                     "version": record["version"],
                     "code": code.name,
                     "images": record["images"],
@@ -121,7 +131,7 @@ class ServingCore:
         """Submit one request to ``model`` and wait for it within the caller's deadline."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        record["version"] = model.version
+        record["model"], record["version"] = model.name, model.version
         job = model.submit(inputs, outputs, deadline)
         context.add_callback(job.cancel)
         try:

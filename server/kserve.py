@@ -10,11 +10,11 @@ from typing import Any
 from fpgaserve import __version__
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
+from fpgaserve.wire import V2_DATATYPES, from_v2, to_v2
 
 from .core import ServingCore
 from .errors import InvalidArgument, NotFound, Unavailable
 from .model import ServedModel
-from .tensors import V2_DATATYPES, from_v2_input, to_v2_output
 
 PLATFORM = "fpgaserve"
 
@@ -40,8 +40,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self.core = core
 
     def _model(self, name: str, version: str) -> ServedModel:
-        if not name:
-            raise InvalidArgument("the model name is required")
+        name = name or self.core.repository.only_model()
         return self.core.repository.get(name, _version(version))
 
     def ServerLive(self, request, context) -> v2.ServerLiveResponse:
@@ -100,7 +99,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             for index, tensor in enumerate(request.inputs):
                 if tensor.name in inputs:
                     raise InvalidArgument(f"input {tensor.name!r} is given twice")
-                inputs[tensor.name] = from_v2_input(tensor, raw[index] if raw else None)
+                inputs[tensor.name] = from_v2(tensor, raw[index] if raw else None)
             wanted = [output.name for output in request.outputs] or [
                 spec.name for spec in model.signature.outputs
             ]
@@ -109,8 +108,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
             for name in wanted:
-                tensor, content = to_v2_output(name, results[name])
-                response.outputs.append(tensor)
+                datatype, shape, content = to_v2(results[name])
+                response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(content)
             return response
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from fpgaserve.hal import Device
 from fpgaserve.pipeline import read_manifest
 
-from .errors import NotFound, Unavailable
+from .errors import InvalidArgument, NotFound, Unavailable
 from .model import AVAILABLE, END, ServedModel
 from .scheduler import BatchingConfig
 
@@ -128,6 +128,15 @@ class ModelRepository:
         with self._lock:
             others = {name for name, _ in (*self._failed, *self._loading)}
             return sorted(set(self._models) | set(self._fixed) | others)
+
+    def only_model(self) -> str:
+        """The name to use when a request names none: allowed while exactly one model is served."""
+        names = self.names()
+        if len(names) != 1:
+            raise InvalidArgument(
+                f"name the model (model_spec.name); this server has {len(names)}: {names}"
+            )
+        return names[0]
 
     def get(self, name: str, version: int | None = None, label: str | None = None) -> ServedModel:
         """The model version a request names, or the newest available one."""

@@ -25,10 +25,11 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
+from fpgaserve.wire import from_tensor_proto, tf_dtype, to_tensor_proto
+
 from .core import ServingCore
 from .errors import FailedPrecondition, InvalidArgument, ServingError
 from .model import ServedModel
-from .tensors import TF_DTYPES, from_tensor_proto, to_tensor_proto
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -37,10 +38,10 @@ _UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a version that failed to lo
 
 
 def _model(core: ServingCore, spec: model_pb2.ModelSpec) -> ServedModel:
-    if not spec.name:
-        raise InvalidArgument("model_spec.name is required: name the model to call")
+    # Azure's Brainwave PredictionClient sends no model name: a server of one model answers it.
+    name = spec.name or core.repository.only_model()
     version = spec.version.value if spec.HasField("version") else None
-    return core.repository.get(spec.name, version, spec.version_label or None)
+    return core.repository.get(name, version, spec.version_label or None)
 
 
 def _signatures(model: ServedModel) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def _check_signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> N
 def _tensor_info(spec) -> meta_graph_pb2.TensorInfo:
     return meta_graph_pb2.TensorInfo(
         name=f"{spec.name}:0",
-        dtype=TF_DTYPES[spec.dtype],
+        dtype=tf_dtype(spec.dtype),
         tensor_shape=tensor_shape_pb2.TensorShapeProto(
             dim=[
                 tensor_shape_pb2.TensorShapeProto.Dim(size=-1 if size is None else size)

@@ -233,7 +233,7 @@ def test_build_command_writes_a_loadable_archive(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "WARNING: random weights" in result.stderr and "quantizing to msfp16" in result.stderr
+    assert "WARNING: RANDOM WEIGHTS" in result.stderr and "quantizing to msfp16" in result.stderr
     with Pipeline.load(output) as pipeline:
         provenance = pipeline.manifest["provenance"]
         assert provenance["format"] == "msfp16"

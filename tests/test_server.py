@@ -117,7 +117,6 @@ def test_output_filter_and_featurizer_input(stub, expected, archive):
 
 BAD_PREDICTS = [
     ("unknown model", lambda: predict_request([jpeg()], model="nope"), "NOT_FOUND", "nope"),
-    ("no model name", lambda: predict_request([jpeg()], model=""), "INVALID_ARGUMENT", "name"),
     ("unknown version", lambda: predict_request([jpeg()], version=7), "NOT_FOUND", "version 7"),
     ("unknown label", lambda: predict_request([jpeg()], version_label="stable"), "NOT_FOUND",
      "label"),
@@ -334,3 +333,19 @@ def test_hostile_images_are_refused_before_decoding(stub, image, fragment):
     error = error_of(stub.Predict, predict_request([jpeg(1), image]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in error.details()
+
+
+def test_azure_style_requests_without_a_model_name(server, stub, tmp_path):
+    """Brainwave's PredictionClient leaves model_spec empty and always sends these headers."""
+    request = predict_pb2.PredictRequest()
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto([jpeg()]))
+    azure = [("authorization", "Bearer "), ("x-ms-aml-grpc-service-route", "/api/v1/service/x")]
+    response = stub.Predict(request, timeout=30, metadata=azure)
+    assert response.model_spec.name == "tiny" and list(response.outputs) == ["probabilities"]
+
+    second = tiny_archive(tmp_path / "other.zip", name="other", seed=3)
+    config = ServerConfig(archives=[second, server.config.archives[0]])
+    with running(config) as two, channel(two) as ch:
+        error = error_of(prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "['other', 'tiny']" in error.details()

@@ -17,6 +17,7 @@ from tensorflow_serving.apis import (
 )
 from test_server import predict_request
 
+from fpgaserve.cli import main as cli_main
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import ServerConfig, TlsConfig
@@ -63,6 +64,10 @@ def test_tls_and_mutual_tls(archive, pki, tmp_path):
     with running(ServerConfig(archives=[archive], tls=mutual)) as server:
         with secure_channel(server, pki["ca"], pki["client"], pki["client_key"]) as ch:
             assert predict(ch).outputs["probabilities"]
+        address = ["health", "--address", f"localhost:{server.port}", "--tls-ca", str(pki["ca"])]
+        client = ["--tls-cert", str(pki["client"]), "--tls-key", str(pki["client_key"])]
+        assert cli_main([*address, *client]) == 0  # the container's health check, over mTLS
+        assert cli_main(address) == 1  # no client certificate
         with secure_channel(server, pki["ca"]) as ch, pytest.raises(grpc.RpcError) as info:
             predict(ch)  # no client certificate
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,8 +1,10 @@
-"""Wire tensors <-> NumPy for both protocols, strictly checked.
+"""Wire tensors <-> NumPy for both protocols, strictly checked; shared by server and client.
 
-A request's declared shape must match its element count exactly, byte lengths must add up, and
-only the dtypes a pipeline can take are accepted; anything else is INVALID_ARGUMENT naming the
-tensor, before a byte is copied into a big array.
+A tensor's declared shape must match its element count exactly, byte lengths must add up, and
+only image bytes and floats are accepted; anything else is a ``WireError`` naming the tensor
+(INVALID_ARGUMENT in the server), before a byte is copied into a big array. The KServe v2 half
+needs only NumPy and the generated protos, so the light client stays free of TensorFlow; the
+TensorFlow Serving half imports TensorFlow's protos when first used.
 """
 
 from __future__ import annotations
@@ -10,20 +12,38 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from functools import cache
+from typing import Any
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 
-from .errors import InvalidArgument
+class WireError(ValueError):
+    """A tensor on the wire that cannot be what it claims (shape, length, dtype)."""
 
-# TensorFlow Serving: the float dtypes accepted (converted to float32) and their value fields.
-_TF_FLOATS = {
-    types_pb2.DT_FLOAT: (np.float32, "float_val"),
-    types_pb2.DT_DOUBLE: (np.float64, "double_val"),
-    types_pb2.DT_HALF: (np.float16, "half_val"),
-}
+
+InvalidArgument = WireError  # the name the checks below read best with
+
+
+@cache
+def _tf() -> Any:
+    """TensorFlow's framework protos (importing them loads TensorFlow: only on first use)."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    return tensor_pb2, tensor_shape_pb2, types_pb2
+
+
+@cache
+def _tf_floats() -> dict[int, tuple[type, str]]:
+    """TensorFlow Serving: the float dtypes accepted (converted to float32), their value fields."""
+    types_pb2 = _tf()[2]
+    return {
+        types_pb2.DT_FLOAT: (np.float32, "float_val"),
+        types_pb2.DT_DOUBLE: (np.float64, "double_val"),
+        types_pb2.DT_HALF: (np.float16, "half_val"),
+    }
+
+
 # KServe v2: datatype -> (NumPy type, typed contents field).
 _V2_FLOATS = {
     "FP32": (np.float32, "fp32_contents"),
@@ -70,22 +90,28 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def _is_strings(array: np.ndarray) -> bool:
+    return array.dtype == object or array.dtype.kind == "S"
+
+
 # -- TensorFlow Serving ------------------------------------------------------------------------
 
 
-def from_tensor_proto(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """A request tensor as an array: strings as an object array of bytes, floats as float32."""
+def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
+    """A TensorProto as an array: strings as an object array of bytes, floats as float32."""
+    types_pb2 = _tf()[2]
     if proto.tensor_shape.unknown_rank:
         raise InvalidArgument(f"tensor {name!r}: give its shape (unknown rank is not accepted)")
     shape = [dim.size for dim in proto.tensor_shape.dim]
     if proto.dtype == types_pb2.DT_STRING:
         return _strings(name, proto.string_val, shape)
-    if proto.dtype not in _TF_FLOATS:
+    floats = _tf_floats()
+    if proto.dtype not in floats:
         raise InvalidArgument(
             f"tensor {name!r}: dtype {types_pb2.DataType.Name(proto.dtype)} is not accepted; "
             "send DT_STRING images (JPEG/PNG bytes) or DT_FLOAT tensors"
         )
-    dtype, field = _TF_FLOATS[proto.dtype]
+    dtype, field = floats[proto.dtype]
     if proto.tensor_content:
         return _as_float32(_from_bytes(name, proto.tensor_content, dtype, shape))
     values = getattr(proto, field)
@@ -95,19 +121,32 @@ def from_tensor_proto(name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     return _as_float32(_from_values(name, values, dtype, shape))
 
 
-def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
-    """A float32 result as a TensorProto with packed little-endian content."""
+def to_tensor_proto(array: np.ndarray) -> Any:
+    """Image bytes (object or bytes array) or floats (sent as float32, packed little-endian)."""
+    tensor_pb2, tensor_shape_pb2, types_pb2 = _tf()
+    array = np.asarray(array)
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape]
+    )
+    if _is_strings(array):
+        return tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, tensor_shape=shape, string_val=list(array.ravel())
+        )
     array = np.ascontiguousarray(array, np.dtype(np.float32).newbyteorder("<"))
     return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape]
-        ),
-        tensor_content=array.tobytes(),
+        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes()
     )
 
 
+def tf_dtype(dtype: str) -> int:
+    """A pipeline tensor dtype ("string", "float32") as TensorFlow's DataType enum."""
+    types_pb2 = _tf()[2]
+    return {"string": types_pb2.DT_STRING, "float32": types_pb2.DT_FLOAT}[dtype]
+
+
 # -- KServe v2 ---------------------------------------------------------------------------------
+
+V2_DATATYPES = {"string": "BYTES", "float32": "FP32"}
 
 
 def _v2_bytes_elements(name: str, raw: bytes, shape: Sequence[int]) -> np.ndarray:
@@ -125,11 +164,11 @@ def _v2_bytes_elements(name: str, raw: bytes, shape: Sequence[int]) -> np.ndarra
     return _strings(name, elements, shape)
 
 
-def from_v2_input(tensor: v2.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
-    """One ModelInfer input, from its typed contents or its raw_input_contents entry."""
+def from_v2(tensor: Any, raw: bytes | None) -> np.ndarray:
+    """A v2 input or output tensor, from its typed contents or its raw contents entry."""
     name, shape, datatype = tensor.name, list(tensor.shape), tensor.datatype
     if raw is not None and tensor.HasField("contents"):
-        raise InvalidArgument(f"tensor {name!r}: give raw_input_contents or contents, not both")
+        raise InvalidArgument(f"tensor {name!r}: give raw contents or typed contents, not both")
     if datatype == "BYTES":
         if raw is not None:
             return _v2_bytes_elements(name, raw, shape)
@@ -143,18 +182,15 @@ def from_v2_input(tensor: v2.ModelInferRequest.InferInputTensor, raw: bytes | No
     if raw is not None:
         return _as_float32(_from_bytes(name, raw, dtype, shape))
     if field is None:
-        raise InvalidArgument(f"tensor {name!r}: {datatype} needs raw_input_contents")
+        raise InvalidArgument(f"tensor {name!r}: {datatype} needs raw contents")
     return _as_float32(_from_values(name, getattr(tensor.contents, field), dtype, shape))
 
 
-def to_v2_output(
-    name: str, array: np.ndarray
-) -> tuple[v2.ModelInferResponse.InferOutputTensor, bytes]:
-    """A float32 result as an output tensor description and its raw little-endian content."""
+def to_v2(array: np.ndarray) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, raw contents) of image bytes (BYTES) or floats (FP32, little-endian)."""
+    array = np.asarray(array)
+    if _is_strings(array):
+        raw = b"".join(struct.pack("<I", len(item)) + bytes(item) for item in array.ravel())
+        return "BYTES", list(array.shape), raw
     array = np.ascontiguousarray(array, np.dtype(np.float32).newbyteorder("<"))
-    tensor = v2.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=array.shape)
-    return tensor, array.tobytes()
-
-
-V2_DATATYPES = {"string": "BYTES", "float32": "FP32"}
-TF_DTYPES = {"string": types_pb2.DT_STRING, "float32": types_pb2.DT_FLOAT}
+    return "FP32", list(array.shape), array.tobytes()

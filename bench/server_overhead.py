@@ -1,0 +1,238 @@
+"""What the gRPC server adds, and how close it gets to its slowest stage.
+
+Part 1, overhead: the default pipeline (ResNet-50 msfp16; random weights, speed does not depend
+on them) with a device stand-in that answers instantly, so the figure is the server's own cost.
+Client-observed latency of a batch-1 224x224 JPEG over TensorFlow Serving Predict, minus the
+in-process ``Pipeline.run`` time of the same request, p50 and p99; then throughput with 1, 4 and
+16 concurrent clients.
+
+Part 2, pipelining: the emulator as device. Throughput with 16 concurrent batch-1 clients vs the
+slowest stage's own rate (each stage alone, in-process, at the server's batch size).
+
+Usage: python bench/server_overhead.py [--requests 300] [--seconds 20] [--skip-emulator]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from fpgaserve.hal import Device, DeviceInfo, open_device
+from fpgaserve.pipeline import ImagePreprocessing, ModelDefinition, Pipeline, QuantizedZooModel
+from fpgaserve.server import BatchingConfig, FpgaServer, ServerConfig
+
+BATCH = 8
+
+
+class InstantDevice(Device):
+    """A device stand-in that answers at once with zeros of the right shape."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            DeviceInfo("instant", "bench", "STAND-IN", "answers instantly", ("msfp16",))
+        )
+        self.open()
+
+    def _load(self, program, shapes):
+        return None
+
+    def _run(self, loaded, inputs):
+        batch = next(iter(inputs.values())).shape[0]
+        return {
+            name: np.zeros((batch, *loaded.shapes[name]), np.float32)
+            for name in loaded.program.outputs
+        }
+
+
+def photo() -> bytes:
+    """A 224x224 JPEG: a real ImageNet photo when the shared assets are present, else a smooth
+    synthetic picture (random noise would make an unrealistically large file)."""
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet" / "images"
+    folder = Path(os.environ.get("FPGASERVE_IMAGENET_DIR", folder.parent)) / "images"
+    files = sorted(folder.glob("*.JPEG"))
+    if files:
+        pixels = tf.io.decode_jpeg(files[0].read_bytes(), channels=3)
+    else:
+        y, x = np.mgrid[0:224, 0:224]
+        pixels = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    pixels = tf.cast(tf.image.resize(pixels, (224, 224)), tf.uint8)
+    return tf.io.encode_jpeg(pixels, quality=90).numpy()
+
+
+def request(image: bytes) -> predict_pb2.PredictRequest:
+    message = predict_pb2.PredictRequest()
+    message.model_spec.name = "resnet50"
+    message.inputs["images"].CopyFrom(tf.make_tensor_proto([image]))
+    return message
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    return float(np.percentile(samples, 50)), float(np.percentile(samples, 99))
+
+
+def _serve_child(archive: Path, device: str, ports, stop) -> None:
+    server = serve(archive, InstantDevice() if device == "instant" else open_device(device))
+    ports.put(server.port)
+    stop.wait()
+    server.stop(30)
+
+
+@contextlib.contextmanager
+def serve_in_child(archive: Path, device: str):
+    """The server in its own process, as in production: the client does not share its GIL."""
+    context = multiprocessing.get_context("spawn")
+    ports, stop = context.Queue(), context.Event()
+    child = context.Process(target=_serve_child, args=(archive, device, ports, stop))
+    child.start()
+    try:
+        yield ports.get(timeout=600)
+    finally:
+        stop.set()
+        child.join(60)
+
+
+def serve(archive: Path, device: Device) -> FpgaServer:
+    config = ServerConfig(
+        archives=[archive], host="localhost", port=0, metrics_port=None,
+        batching=BatchingConfig(max_batch_size=BATCH, max_queue_size=256),
+    )  # fmt: skip
+    server = FpgaServer(config, device).start()
+    server.repository.wait_loaded(600)
+    return server
+
+
+def interleaved(pipeline: Pipeline, port: int, image: bytes, count: int):
+    """In-process runs and gRPC calls of the same request, alternating, so that drift in the
+    machine's speed hits both alike. Returns (in-process times, client-observed times)."""
+    message = request(image)
+    local, remote = [], []
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for index in range(count + 10):
+            start = time.perf_counter()
+            pipeline.run({"images": [image]})
+            middle = time.perf_counter()
+            stub.Predict(message, timeout=60)
+            end = time.perf_counter()
+            if index >= 10:  # warm-up
+                local.append(middle - start)
+                remote.append(end - middle)
+    return local, remote
+
+
+def throughput(port: int, message, clients: int, seconds: float) -> float:
+    """Requests per second with ``clients`` threads, each on its own channel, for ``seconds``."""
+    done = [0] * clients
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            stub.Predict(message, timeout=120)
+            while not stop.is_set():
+                stub.Predict(message, timeout=120)
+                done[index] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)  # every client has connected and warmed up
+    start_count, start = sum(done), time.perf_counter()
+    time.sleep(seconds)
+    rate = (sum(done) - start_count) / (time.perf_counter() - start)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return rate
+
+
+def stage_rates(archive: Path, device: Device, image: bytes, repeats: int = 3) -> dict[str, float]:
+    """Each stage alone, in-process, on a batch of BATCH: images per second."""
+    with Pipeline.load(archive, device) as pipeline:
+        value, rates = np.array([image] * BATCH, dtype=object), {}
+        for stage, runner in zip(pipeline.stages, pipeline.runners, strict=True):
+            out = runner(value)
+            best = min(_timed(runner, value) for _ in range(repeats))
+            rates[stage["name"]] = BATCH / best
+            value = out
+    return rates
+
+
+def _timed(function, value) -> float:
+    start = time.perf_counter()
+    function(value)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--emulator-seconds", type=float, default=30.0)
+    parser.add_argument("--skip-emulator", action="store_true")
+    args = parser.parse_args()
+    image = photo()
+    message = request(image)
+    with tempfile.TemporaryDirectory() as folder:
+        model = QuantizedZooModel("resnet50", "random", "msfp16", progress=False)
+        stages = [
+            ImagePreprocessing(preset="caffe"),
+            model.featurizer(),
+            model.default_classifier(),
+        ]
+        archive = ModelDefinition("resnet50", stages).save(Path(folder) / "resnet50.zip")
+
+        print(
+            f"Server overhead: ResNet-50 pipeline, batch-1 {len(image) // 1024} KiB JPEG, device "
+            f"stand-in answering instantly; {args.requests} requests; {os.cpu_count()} CPUs; "
+            "server and client in separate processes"
+        )
+        with serve_in_child(archive, "instant") as port:
+            with Pipeline.load(archive, InstantDevice()) as pipeline:
+                local, remote = interleaved(pipeline, port, image, args.requests)
+            (l50, l99), (r50, r99) = percentiles(local), percentiles(remote)
+            print(f"  in-process Pipeline.run   p50 {l50 * 1e3:7.3f} ms   p99 {l99 * 1e3:7.3f} ms")
+            print(f"  client over gRPC          p50 {r50 * 1e3:7.3f} ms   p99 {r99 * 1e3:7.3f} ms")
+            print(
+                f"  server overhead           p50 {(r50 - l50) * 1e3:7.3f} ms   "
+                f"p99 {(r99 - l99) * 1e3:7.3f} ms   (goal: p50 <= 1 ms)"
+            )
+            one = None
+            for clients in (1, 4, 16):
+                rate = throughput(port, message, clients, args.seconds)
+                one = one or rate
+                print(f"  {clients:>2} clients: {rate:8.1f} requests/s   x{rate / one:.2f} of one")
+
+        if args.skip_emulator:
+            return 0
+        print(f"\nPipelining: the same pipeline with the emulator as device, max batch {BATCH}")
+        with open_device("emulator") as emulator:
+            rates = stage_rates(archive, emulator, image)
+        for name, rate in rates.items():
+            print(f"  stage {name:<12} alone: {rate:8.2f} images/s (batch {BATCH})")
+        slowest = min(rates.values())
+        with serve_in_child(archive, "emulator") as port:
+            rate = throughput(port, message, 16, args.emulator_seconds)
+        print(
+            f"  16 clients through the server: {rate:8.2f} images/s = "
+            f"{rate / slowest:.1%} of the slowest stage (goal >= 90%)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Errors a client raises: one line that says what went wrong and what to do."""
+
+from __future__ import annotations
+
+import grpc
+
+REQUEST_ID = "x-request-id"
+
+
+class PredictionError(grpc.RpcError):
+    """A call the server refused or that could not reach it. It is a ``grpc.RpcError`` with
+    ``code()`` and ``details()``, so code written against Azure's client keeps catching it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str = "") -> None:
+        self._code, self._details, self.request_id = code, details, request_id
+        suffix = f" (request id {request_id})" if request_id else ""
+        super().__init__(f"{code.name}: {details}{suffix}")
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> PredictionError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = (error.details() if hasattr(error, "details") else "") or code.name.lower()
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        request_id = next((v for k, v in trailing or () if k == REQUEST_ID), "")
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+            details += " (is the server running, and are the address and port right?)"
+        return cls(code, details, request_id)
