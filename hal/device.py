@@ -108,6 +108,11 @@ class Device(ABC):
             raise UnknownProgramError(f"no program with handle {handle} is loaded")
         return self._run(loaded, self._check_inputs(loaded, inputs))
 
+    def last_kernel_seconds(self) -> float | None:
+        """On-device time of the calling thread's last ``run``, from the backend's profiling
+        (None where there is none, e.g. the emulator). The server records it as a metric."""
+        return None
+
     def _require_open(self) -> None:
         if not self._open:
             raise DeviceClosedError(f"device {self.info.name!r} is not open")

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,7 @@ class ServedModel:
                 StageSpec(role, stage["output"].name, runner)
                 for role, stage, runner in zip(roles, stages, self.pipeline.runners, strict=True)
             ]
+            specs[device_index] = replace(specs[device_index], profile=self._kernel_time)
             self.scheduler = Scheduler(
                 f"{self.name!r} version {self.version}",
                 specs,
@@ -124,6 +125,10 @@ class ServedModel:
             raise
         self.state = AVAILABLE
         self._on_health()
+
+    def _kernel_time(self) -> dict[str, float]:
+        seconds = self.pipeline.device.last_kernel_seconds()
+        return {} if seconds is None else {"device_kernels": seconds}
 
     @property
     def ready(self) -> bool:

@@ -56,6 +56,9 @@ class StageSpec:
     output: str
     run: Callable[[Any], np.ndarray]
     batches: bool = True  # False: one request per call (the stage's function is not batch-safe)
+    # Extra timings of the batch just run, read on the same thread (e.g. the device's own
+    # kernel time from OpenCL profiling events), recorded for every job in the batch.
+    profile: Callable[[], dict[str, float]] = dict
 
 
 @dataclass(eq=False)
@@ -248,11 +251,14 @@ class Scheduler:
         if index == self.device_stage:
             self._on_success()
         elapsed = time.perf_counter() - started
+        extra = stage.profile()
         offset = 0
         for job in jobs:
             part = result[offset : offset + job.size]
             offset += job.size
             job.add_time(stage.role, elapsed)
+            for name, seconds in extra.items():
+                job.add_time(name, seconds)
             if stage.output in job.wanted:
                 job.outputs[stage.output] = part
             if index == job.last:

@@ -135,3 +135,36 @@ def test_concurrent_runs_use_their_own_queues_and_agree():
     assert not errors and len(results) == 12
     for result in results:
         assert_same_bits(result, expected)
+
+
+def test_profiling_events_time_the_kernels_and_reach_the_server_metrics(tmp_path):
+    from servers import channel, jpeg, running, tiny_archive
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+    from test_server import predict_request
+
+    from fpgaserve.server import ServerConfig
+
+    program = small_net("msfp16")
+    image = np.random.default_rng(5).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    with open_device(OPENCL) as device:
+        handle = device.load(program)
+        device.run(handle, {"image": image})
+        seconds = device.last_kernel_seconds()
+        assert seconds is not None and seconds > 0
+        assert device.last_kernel_seconds() == 0  # taken: nothing ran since
+    with open_device("emulator") as emulator:
+        assert emulator.last_kernel_seconds() is None
+
+    archive = tiny_archive(tmp_path / "tiny.zip")
+    with running(ServerConfig(archives=[archive], device=OPENCL)) as server:
+        with channel(server) as ch:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            assert stub.Predict(predict_request([jpeg()]), timeout=60).outputs
+        samples = {
+            sample.labels["stage"]: sample.value
+            for metric in server.metrics.registry.collect()
+            if metric.name == "fpgaserve_stage_seconds"
+            for sample in metric.samples
+            if sample.name.endswith("_sum")
+        }
+    assert 0 < samples["device_kernels"] <= samples["device"]

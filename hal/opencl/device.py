@@ -127,9 +127,13 @@ class OpenCLDevice(Device):
         self._faulted = False
         self.recoveries += 1
 
+    def last_kernel_seconds(self) -> float | None:
+        return self._kernels.take_kernel_seconds()
+
     def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = dict(inputs)
         try:
+            self._kernels.take_kernel_seconds()  # forget what earlier runs left on this thread
             if self._faulted:
                 with self._recovery_lock:
                     if self._faulted:

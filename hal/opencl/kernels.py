@@ -74,8 +74,10 @@ class DatapathKernels:
         thread-safe, so every worker thread gets its own (buffers are shared)."""
         local = self._local
         if not hasattr(local, "queue"):
-            local.queue = cl.CommandQueue(self.context)
+            profiling = cl.command_queue_properties.PROFILING_ENABLE
+            local.queue = cl.CommandQueue(self.context, properties=profiling)
             local.kernels = {k.function_name: k for k in self.program.all_kernels()}
+            local.events = []
         return local.queue
 
     @property
@@ -92,7 +94,14 @@ class DatapathKernels:
 
     def _run(self, name: str, size: int, *args) -> None:
         queue = self.queue
-        self._local.kernels[name](queue, (size,), None, *args)
+        self._local.events.append(self._local.kernels[name](queue, (size,), None, *args))
+
+    def take_kernel_seconds(self) -> float:
+        """Device time of the kernels this thread ran since the last call (profiling events:
+        the board's own clock, not the host's)."""
+        self.queue  # noqa: B018 - makes this thread's queue and event list
+        events, self._local.events = self._local.events, []
+        return sum(e.profile.end - e.profile.start for e in events) * 1e-9
 
     def _fetch(self, host: np.ndarray, buffer: cl.Buffer) -> np.ndarray:
         cl.enqueue_copy(self.queue, host, buffer)
