@@ -41,6 +41,9 @@ def find_device(name: str | None = None) -> cl.Device:
     return candidates[0]
 
 
+CONV_TILE = 8  # filters per work-item of conv2d_tiled: CONV_TILE in kernels/datapath.cl
+
+
 @dataclass(frozen=True)
 class DeviceWeight:
     """Quantized weights as device buffers: integer terms (section 4.2) and per-channel L."""
@@ -165,7 +168,11 @@ class DatapathKernels:
         filters = weight.filters
         out_host, out = self._output((n, out_h, out_w, filters), np.float32)
         top, _, left, _ = geometry.padding
-        self._run("conv2d", out_host.size, terms_buf, nan_buf,
+        # CONV_TILE filters per work-item where a group's filters allow (all but depthwise).
+        tiled = (filters // geometry.groups) % CONV_TILE == 0
+        kernel = "conv2d_tiled" if tiled else "conv2d"
+        size = out_host.size // CONV_TILE if tiled else out_host.size
+        self._run(kernel, size, terms_buf, nan_buf,
                   self._buffer(act_floor),
                   i32(height), i32(width), i32(channels),
                   weight.terms, weight.floor,
