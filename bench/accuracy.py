@@ -10,6 +10,7 @@ Usage: python bench/accuracy.py [--data ../shared/data/imagenet] [--limit N] [--
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--calibration", type=int, default=100, help="photos per fold")
+    parser.add_argument("--json", type=Path, help="also write the table here (for report_plots)")
     args = parser.parse_args()
     weights = args.data / "mobilenet_0.75_224_imagenet.h5"
     images = load_labelled_images(args.data, ZOO["mobilenet_0.75"].preprocess, args.limit)
@@ -40,6 +42,7 @@ def main() -> None:
     )
     print(f"MobileNet 0.75, {provenance}, {len(images.labels)} labelled photos")
     print(f"{'TensorFlow float':<30} top-1 {reference.top1:6.1%}  top-5 {reference.top5:6.1%}")
+    rows = [{"path": "float", "top1": reference.top1, "top5": reference.top5, "agree": 1.0}]
     with open_device("emulator") as device:
         for fmt in FORMATS:
             variants = (
@@ -55,11 +58,15 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 scores = Scores.from_probabilities(probabilities, images.labels)
                 agree = (scores.predictions == reference.predictions).mean()
+                rows.append({"path": fmt + label, "top1": scores.top1, "top5": scores.top5,
+                             "agree": float(agree)})  # fmt: skip
                 print(
                     f"{'emulator ' + fmt + label:<30} top-1 {scores.top1:6.1%}  "
                     f"top-5 {scores.top5:6.1%}  change {100 * (scores.top1 - reference.top1):+5.1f}"
                     f" pts  agrees with float {agree:6.1%}  ({seconds:.0f} s)"
                 )
+    if args.json:
+        args.json.write_text(json.dumps({"photos": len(images.labels), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import os
 import sys
@@ -134,17 +135,21 @@ def interleaved(pipeline: Pipeline, port: int, image: bytes, count: int):
     return local, remote
 
 
-def throughput(port: int, message, clients: int, seconds: float) -> float:
-    """Requests per second with ``clients`` threads, each on its own channel, for ``seconds``."""
+def throughput(port: int, message, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """Requests per second with ``clients`` threads, each on its own channel, for ``seconds``,
+    and the latencies of the requests made meanwhile."""
     done = [0] * clients
     stop = threading.Event()
+    latencies: list[float] = []
 
     def client(index: int) -> None:
         with grpc.insecure_channel(f"localhost:{port}") as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             stub.Predict(message, timeout=120)
             while not stop.is_set():
+                start = time.perf_counter()
                 stub.Predict(message, timeout=120)
+                latencies.append(time.perf_counter() - start)
                 done[index] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -157,7 +162,7 @@ def throughput(port: int, message, clients: int, seconds: float) -> float:
     stop.set()
     for thread in threads:
         thread.join()
-    return rate
+    return rate, latencies
 
 
 def stage_rates(archive: Path, device: Device, image: bytes, repeats: int = 3) -> dict[str, float]:
@@ -184,6 +189,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--emulator-seconds", type=float, default=30.0)
     parser.add_argument("--skip-emulator", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the overhead figures here")
     args = parser.parse_args()
     image = photo()
     message = request(image)
@@ -211,12 +217,23 @@ def main() -> int:
                 f"  server overhead           p50 {(r50 - l50) * 1e3:7.3f} ms   "
                 f"p99 {(r99 - l99) * 1e3:7.3f} ms   (goal: p50 <= 1 ms)"
             )
-            one = None
+            overhead = {"p50": (r50 - l50) * 1e3, "p99": (r99 - l99) * 1e3}
+            one, report = None, {"overhead_ms": overhead, "concurrency": []}
             for clients in (1, 4, 16):
-                rate = throughput(port, message, clients, args.seconds)
+                rate, latencies = throughput(port, message, clients, args.seconds)
                 one = one or rate
-                print(f"  {clients:>2} clients: {rate:8.1f} requests/s   x{rate / one:.2f} of one")
+                p50, p99 = percentiles(latencies)
+                print(
+                    f"  {clients:>2} clients: {rate:8.1f} requests/s   x{rate / one:.2f} of one"
+                    f"   latency p50 {p50 * 1e3:6.2f} ms  p99 {p99 * 1e3:6.2f} ms"
+                )
+                report["concurrency"].append(
+                    {"clients": clients, "requests_per_s": rate, "p50_ms": p50 * 1e3,
+                     "p99_ms": p99 * 1e3}
+                )  # fmt: skip
 
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
         if args.skip_emulator:
             return 0
         print(f"\nPipelining: the same pipeline with the emulator as device, max batch {BATCH}")
@@ -226,7 +243,7 @@ def main() -> int:
             print(f"  stage {name:<12} alone: {rate:8.2f} images/s (batch {BATCH})")
         slowest = min(rates.values())
         with serve_in_child(archive, "emulator") as port:
-            rate = throughput(port, message, 16, args.emulator_seconds)
+            rate, _ = throughput(port, message, 16, args.emulator_seconds)
         print(
             f"  16 clients through the server: {rate:8.2f} images/s = "
             f"{rate / slowest:.1%} of the slowest stage (goal >= 90%)"

@@ -81,6 +81,7 @@ class DatapathKernels:
             local.queue = cl.CommandQueue(self.context, properties=profiling)
             local.kernels = {k.function_name: k for k in self.program.all_kernels()}
             local.events = []
+            local.pool = {}
         return local.queue
 
     @property
@@ -88,12 +89,30 @@ class DatapathKernels:
         return f"{self.device.platform.name}: {self.device.name}"
 
     def _buffer(self, array: np.ndarray) -> cl.Buffer:
+        """A read-only buffer that lives as long as its owner (the weights of a program)."""
         flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
         return cl.Buffer(self.context, flags, hostbuf=np.ascontiguousarray(array))
 
+    def _scratch(self, role: str, nbytes: int) -> cl.Buffer:
+        """This thread's buffer for ``role`` (e.g. "terms"), at least ``nbytes`` long. Ops run
+        one after another on a thread and finish before returning, so each role's buffer is
+        reused by every later op and run: no allocation per request once the largest layer has
+        been seen (allocating is slow on FPGA boards)."""
+        self.queue  # noqa: B018 - makes this thread's queue and pool
+        pool = self._local.pool
+        if role not in pool or pool[role].size < nbytes:
+            pool[role] = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, max(nbytes, 1))
+        return pool[role]
+
+    def _upload(self, role: str, array: np.ndarray) -> cl.Buffer:
+        array = np.ascontiguousarray(array)
+        buffer = self._scratch(role, array.nbytes)
+        cl.enqueue_copy(self.queue, buffer, array)
+        return buffer
+
     def _output(self, shape, dtype) -> tuple[np.ndarray, cl.Buffer]:
         host = np.empty(shape, dtype=dtype)
-        return host, cl.Buffer(self.context, cl.mem_flags.WRITE_ONLY, max(host.nbytes, 1))
+        return host, self._scratch("out", host.nbytes)
 
     def _run(self, name: str, size: int, *args) -> None:
         queue = self.queue
@@ -116,11 +135,11 @@ class DatapathKernels:
         length, block = x.shape[-1], fmt.block_size
         rows, groups = x.size // length, x.shape[0]
         blocks = -(-length // block)
-        x_buf = self._buffer(x)
-        raw = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, rows * blocks * 4)
-        anchor = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, groups * 4)
-        mant = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, x.size)
-        codes = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, rows * blocks)
+        x_buf = self._upload("x", x)
+        raw = self._scratch("raw", rows * blocks * 4)
+        anchor = self._scratch("anchor", groups * 4)
+        mant = self._scratch("mantissas", x.size)
+        codes = self._scratch("codes", rows * blocks)
         i32 = np.int32
         self._run(
             "block_exponents", rows * blocks, x_buf, i32(length), i32(block), i32(blocks), raw
@@ -158,8 +177,8 @@ class DatapathKernels:
         x = np.ascontiguousarray(x, dtype=np.float32)
         mantissas, codes, anchors, blocks = self._quantize(x, fmt)  # stay on the device
         act_floor = self._fetch(np.empty(n, np.int32), anchors) - np.int32(fmt.window)
-        terms_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, x.size * 4)
-        nan_buf = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, x.size)
+        terms_buf = self._scratch("terms", x.size * 4)
+        nan_buf = self._scratch("nan", x.size)
         i32 = np.int32
         self._run("activation_terms", x.size, mantissas, codes,
                   i32(channels), i32(fmt.block_size), i32(blocks), i32(height * width),
@@ -173,7 +192,7 @@ class DatapathKernels:
         kernel = "conv2d_tiled" if tiled else "conv2d"
         size = out_host.size // CONV_TILE if tiled else out_host.size
         self._run(kernel, size, terms_buf, nan_buf,
-                  self._buffer(act_floor),
+                  self._upload("act_floor", act_floor),
                   i32(height), i32(width), i32(channels),
                   weight.terms, weight.floor,
                   i32(filters), *map(i32, geometry.kernel), *map(i32, geometry.strides),
@@ -185,7 +204,7 @@ class DatapathKernels:
         """bias / scale_shift (per-channel parameters last) and relu, relu6, add."""
         first = np.ascontiguousarray(arrays[0], dtype=np.float32)
         out_host, out = self._output(first.shape, np.float32)
-        args = [self._buffer(np.asarray(a, np.float32)) for a in arrays]
+        args = [self._upload(f"arg{i}", np.asarray(a, np.float32)) for i, a in enumerate(arrays)]
         if channels is not None:
             args.append(np.int32(channels))
         self._run(name, first.size, *args, out)
@@ -200,8 +219,8 @@ class DatapathKernels:
                          np.float32)  # fmt: skip
         out_host, out = self._output((n, out_h, out_w, channels), np.float32)
         i32 = np.int32
-        self._run("pool", out_host.size, self._buffer(x.astype(np.float32)), i32(height),
+        self._run("pool", out_host.size, self._upload("x", x.astype(np.float32)), i32(height),
                   i32(width), i32(channels), i32(pool[0]), i32(pool[1]), i32(strides[0]),
                   i32(strides[1]), i32(top), i32(left), i32(out_h), i32(out_w), i32(average),
-                  self._buffer(table), out)  # fmt: skip
+                  self._upload("table", table), out)  # fmt: skip
         return self._fetch(out_host, out)
