@@ -37,8 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/resnet50_layers.py --batch 1 8
 	$(BIN)/python bench/resnet50_model.py --batch 1 8
 	$(BIN)/python bench/zoo_fidelity.py
-	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/accuracy.py --json bench/results/accuracy.json
 	$(BIN)/python bench/opencl_resnet50.py
+	$(BIN)/python bench/server_overhead.py --json bench/results/server_overhead.json
+	$(BIN)/python bench/report_plots.py
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

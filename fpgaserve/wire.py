@@ -55,6 +55,9 @@ _V2_FLOATS = {
 def _count(name: str, shape: Sequence[int]) -> int:
     if any(size < 0 for size in shape):
         raise InvalidArgument(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
+    # NumPy multiplies every dimension, zeros aside, in int64: refuse what it cannot hold.
+    if math.prod(max(size, 1) for size in shape) >= 2**62:
+        raise InvalidArgument(f"tensor {name!r}: shape {list(shape)} is impossibly large")
     return math.prod(shape)
 
 
@@ -107,8 +110,10 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
         return _strings(name, proto.string_val, shape)
     floats = _tf_floats()
     if proto.dtype not in floats:
+        known = proto.dtype in types_pb2.DataType.values()
+        dtype_name = types_pb2.DataType.Name(proto.dtype) if known else f"#{proto.dtype}"
         raise InvalidArgument(
-            f"tensor {name!r}: dtype {types_pb2.DataType.Name(proto.dtype)} is not accepted; "
+            f"tensor {name!r}: dtype {dtype_name} is not accepted; "
             "send DT_STRING images (JPEG/PNG bytes) or DT_FLOAT tensors"
         )
     dtype, field = floats[proto.dtype]

@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
 
 from fpgaserve.hal import Device, open_device
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
-from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
-from .core import ServingCore
+from .core import ServingCore, parsing_handler
 from .images import DEFAULT_MAX_PIXELS
 from .kserve import InferenceService
 from .metrics import Metrics
@@ -30,6 +29,7 @@ from .tfserving import ModelService, PredictionService
 
 log = logging.getLogger("fpgaserve.server")
 
+RESERVED_THREADS = 8  # for health checks and reflection: never taken by model calls
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAMES = (
@@ -106,7 +106,7 @@ class FpgaServer:
         except BaseException:
             self._close_device()
             raise
-        self.core = ServingCore(self.repository, self.metrics)
+        self.core = ServingCore(self.repository, self.metrics, config.threads)
         self.grpc = self._build_grpc()
         self.port = self._bind()
         self.metrics_port: int | None = None
@@ -123,7 +123,7 @@ class FpgaServer:
             [BearerTokenInterceptor(self.config.auth_keys)] if self.config.auth_keys else []
         )
         server = grpc.server(
-            ThreadPoolExecutor(self.config.threads, thread_name_prefix="grpc"),
+            ThreadPoolExecutor(self.config.threads + RESERVED_THREADS, thread_name_prefix="grpc"),
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -131,14 +131,15 @@ class FpgaServer:
                 ("grpc.so_reuseport", 0),
                 *age,
             ],
-            # Past this many concurrent RPCs, answer RESOURCE_EXHAUSTED instead of queueing.
-            maximum_concurrent_rpcs=self.config.threads,
+            # A hard bound; model calls are refused earlier (ServingCore, at `threads`), so that
+            # health checks and reflection keep RESERVED_THREADS of their own under any load.
+            maximum_concurrent_rpcs=self.config.threads + RESERVED_THREADS,
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(self.core), server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.core), server)
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.core), server)
+        server.add_generic_rpc_handlers((
+            parsing_handler(PredictionService(self.core), prediction_service_pb2),
+            parsing_handler(ModelService(self.core), model_service_pb2),
+            parsing_handler(InferenceService(self.core), v2),
+        ))  # fmt: skip
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from fpgaserve.wire import WireError
 
-from .errors import DeadlineExceeded, ServingError, Unavailable
+from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from .metrics import Metrics
 from .model import ServedModel
 from .repository import ModelRepository
@@ -31,6 +33,37 @@ T = TypeVar("T")
 REQUEST_ID = "x-request-id"
 
 
+def parsing_handler(servicer: object, module: Any) -> grpc.GenericRpcHandler:
+    """The handlers of the one service in generated ``module``, parsing requests themselves: a
+    request that is not a valid message (corrupt bytes, a string field that is not UTF-8) gets
+    INVALID_ARGUMENT, where grpcio's own parsing would answer INTERNAL."""
+    (service,) = module.DESCRIPTOR.services_by_name.values()
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(servicer, method.name), request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _parsing(behaviour: Callable, request_class: type) -> Callable:
+    def handle(raw: bytes, context: grpc.ServicerContext):
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError as exc:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request_class.DESCRIPTOR.full_name} message "
+                f"({exc}); check the client's protocol and that string fields are UTF-8",
+            )
+        return behaviour(request, context)
+
+    return handle
+
+
 def request_id(context: grpc.ServicerContext) -> str:
     """The caller's ``x-request-id`` if it sent a sane one, else a fresh one."""
     for key, value in context.invocation_metadata() or ():
@@ -40,9 +73,20 @@ def request_id(context: grpc.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
+# Messages quote what clients sent; past ~8 KiB (non-ASCII is percent-encoded, 6 bytes a
+# character) a status message overflows clients' metadata limit and the real status is lost.
+MAX_MESSAGE_CHARS = 1000
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 20] + " ... (message cut)"
+
+
 class ServingCore:
-    def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
-        self.repository, self.metrics = repository, metrics
+    def __init__(self, repository: ModelRepository, metrics: Metrics, max_calls: int = 64) -> None:
+        self.repository, self.metrics, self.max_calls = repository, metrics, max_calls
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
@@ -75,9 +119,14 @@ class ServingCore:
         started = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         with self._idle:
-            accepted = not self.draining
+            busy = self._active >= self.max_calls
+            accepted = not self.draining and not busy
             self._active += accepted
         try:
+            if busy:
+                raise ResourceExhausted(
+                    f"the server is handling {self.max_calls} calls, its limit; retry with backoff"
+                )
             if not accepted:
                 raise Unavailable("the server is shutting down; retry on another replica")
             return handle(record)
@@ -117,7 +166,7 @@ class ServingCore:
                     "ms": round((time.perf_counter() - started) * 1e3, 3),
                 },
             )
-        context.abort(code, message)
+        context.abort(code, _bounded(message))
         raise AssertionError("unreachable: context.abort raises")
 
     def infer(

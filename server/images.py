@@ -16,6 +16,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers that carry the frame size (not DHT C4, JPG C8, DAC CC).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 DEFAULT_MAX_PIXELS = 40_000_000
+# Preprocessing scales the shorter side to 256 before cropping: a 8000 x 1 image would become
+# 256 x 2 048 000. Past this ratio an image is refused from its header.
+MAX_ASPECT_RATIO = 64
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -66,4 +69,9 @@ def check_images(images: Iterable[object], max_pixels: int = DEFAULT_MAX_PIXELS)
             raise InvalidArgument(
                 f"image {index} declares {width}x{height} pixels; the limit is {max_pixels} "
                 "pixels: downscale it before sending"
+            )
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise InvalidArgument(
+                f"image {index} is {width}x{height} pixels: sides more than {MAX_ASPECT_RATIO} "
+                "times apart are refused; crop it before sending"
             )

@@ -22,7 +22,11 @@ PLATFORM = "fpgaserve"
 def _version(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidArgument(f"model version {text!r} must be a positive integer, or empty")
+    if len(text.lstrip("0")) > 18:  # past int64: no such version can exist
+        raise NotFound(f"model version {text[:20]}... is not served")
+    if int(text) < 1:
         raise InvalidArgument(f"model version {text!r} must be a positive integer, or empty")
     return int(text)
 

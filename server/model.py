@@ -21,7 +21,7 @@ import tensorflow as tf
 from fpgaserve.hal import Device
 from fpgaserve.pipeline import Pipeline, TensorSpec
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, Unavailable
 from .images import DEFAULT_MAX_PIXELS, check_images
 from .scheduler import BatchingConfig, Job, Scheduler, StageSpec
 
@@ -139,7 +139,11 @@ class ServedModel:
     ) -> Job:
         """Check a request against the signature and admit it; the result comes on the job's
         future as {output name: array}."""
-        assert self.signature is not None and self.scheduler is not None
+        scheduler = self.scheduler
+        if scheduler is None or self.state in (UNLOADING, END):
+            raise Unavailable(
+                f"model {self.name!r} version {self.version} is being unloaded; retry"
+            )
         if len(inputs) != 1:
             raise InvalidArgument(
                 f"model {self.name!r} takes exactly one input, one of "
@@ -166,7 +170,7 @@ class ServedModel:
             wanted=frozenset(wanted),
             deadline=deadline,
         )
-        return self.scheduler.submit(job)
+        return scheduler.submit(job)
 
     def _input(self, name: str) -> tuple[TensorSpec, int]:
         for index, spec in enumerate(self.signature.inputs):

@@ -31,6 +31,11 @@ LABELS_FILE = "version_labels.json"  # optional, per model: {"stable": 1, "canar
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def _version_folder(name: str) -> bool:
+    """ASCII digits only (str.isdigit also takes '²' and '٢'), 1 .. int64."""
+    return name.isascii() and name.isdigit() and len(name) <= 18 and int(name) > 0
+
+
 def check_model_name(name: str) -> str:
     """Model names become directory names and metric labels: keep them plain."""
     if not NAME.match(name):
@@ -223,15 +228,23 @@ class ModelRepository:
         for folder in sorted(self.root.iterdir()):
             if not folder.is_dir() or not NAME.match(folder.name) or folder.name in found:
                 continue
+            if not self._inside(folder):
+                log.warning("ignoring %s: it links outside the model repository", folder)
+                continue
             versions = {}
             for sub in folder.iterdir():
                 archive = sub / ARCHIVE_FILE
-                if sub.name.isdigit() and int(sub.name) > 0 and archive.is_file():
+                if _version_folder(sub.name) and archive.is_file() and self._inside(archive):
                     versions[int(sub.name)] = Candidate.of(archive)
             if versions:
                 found[folder.name] = versions
             self._read_labels(folder)
         return found
+
+    def _inside(self, path: Path) -> bool:
+        """Links are followed only while they stay inside the repository (as a mounted
+        ConfigMap's do); one that leads elsewhere is not served."""
+        return path.resolve().is_relative_to(self.root.resolve())
 
     def _read_labels(self, folder: Path) -> None:
         path = folder / LABELS_FILE
@@ -251,8 +264,9 @@ class ModelRepository:
         what it no longer wants (only once a replacement is available)."""
         try:
             found = self.scan()
-        except OSError as exc:
+        except Exception as exc:  # the poller must survive anything the folder holds
             log.error("cannot scan the model repository %s: %s", self.root, exc)
+            self._first_sync.set()
             return
         for name, candidates in found.items():
             served = self._models.get(name, {})

@@ -15,13 +15,17 @@ tensors do not wire up, and SavedModels whose serving graph reaches file-system 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import platform
 import stat
+import struct
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path, PurePosixPath
@@ -148,6 +152,7 @@ def _safe_name(name: str) -> PurePosixPath:
     path = PurePosixPath(name)
     if (
         not name
+        or not path.parts  # "." names the folder itself
         or "\\" in name
         or path.is_absolute()
         or ".." in path.parts
@@ -245,16 +250,34 @@ def _open(path: str | Path) -> zipfile.ZipFile:
         raise ArchiveError(f"{path}: not a readable zip archive ({exc})") from None
 
 
+# What zipfile and zlib raise for damaged bytes (a bad CRC, a corrupt stream, a flipped
+# "encrypted" flag, an unknown compression method).
+ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError,
+              OSError, ValueError, struct.error)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _refusing_damage(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except ZIP_DAMAGE as exc:  # offsets pointing nowhere give OSError and ValueError too
+        raise ArchiveError(
+            f"{path}: the archive is damaged ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def read_manifest(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The archive's manifest (e.g. its model name) without extracting anything."""
-    with _open(path) as archive:
+    with _refusing_damage(path), _open(path) as archive:
         return _read_manifest(archive, _check_entries(archive, limits), limits)
 
 
 def extract(path: str | Path, target: Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Validate ``path`` and extract it into ``target``; returns the manifest with parsed
     stages. Nothing is written unless the member list, names and sizes pass first."""
-    with _open(path) as archive:
+    with _refusing_damage(path), _open(path) as archive:
         entries = _check_entries(archive, limits)
         manifest = _read_manifest(archive, entries, limits)
         members = manifest.get("members")
@@ -323,14 +346,18 @@ def _check_saved_model(stage: str, folder: Path) -> None:
 def _extract_member(archive, info: zipfile.ZipInfo, expected: dict, target: Path) -> None:
     try:
         declared, checksum = int(expected["size"]), str(expected["sha256"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ArchiveError(f"member {info.filename!r} has no size/sha256 in the manifest") from None
     if declared != info.file_size:
         raise ArchiveError(f"member {info.filename!r}: size differs from the manifest")
     destination = target.joinpath(*_safe_name(info.filename).parts)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     digest, written = hashlib.sha256(), 0
-    with archive.open(info) as source, destination.open("wb") as sink:
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        sink = destination.open("xb")
+    except OSError as exc:  # a member that is another's folder, a name too long, ...
+        raise ArchiveError(f"member {info.filename!r} cannot be extracted: {exc}") from None
+    with archive.open(info) as source, sink:
         for chunk in iter(lambda: source.read(1 << 20), b""):
             written += len(chunk)
             if written > declared:
