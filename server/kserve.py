@@ -24,11 +24,12 @@ def _version(text: str) -> int | None:
         return None
     if not (text.isascii() and text.isdigit()):
         raise InvalidArgument(f"model version {text!r} must be a positive integer, or empty")
-    if len(text.lstrip("0")) > 18:  # past int64: no such version can exist
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 18:  # past int64: no such version can exist
         raise NotFound(f"model version {text[:20]}... is not served")
-    if int(text) < 1:
+    if int(digits) < 1:
         raise InvalidArgument(f"model version {text!r} must be a positive integer, or empty")
-    return int(text)
+    return int(digits)
 
 
 def _metadata(spec) -> v2.ModelMetadataResponse.TensorMetadata:

@@ -125,3 +125,39 @@ def make_pki(folder: Path, name: str = "test") -> dict[str, Path]:
         files[role].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         files[f"{role}_key"].write_bytes(key_pem(key))
     return files
+
+
+# -- load, fuzz and hostile suites -------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (the in-process server included), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def png(width: int, height: int, seed: int | None = None) -> bytes:
+    """A real PNG; zeros (it compresses to almost nothing: a decompression bomb) unless seeded."""
+    if seed is None:
+        pixels = np.zeros((height, width, 3), np.uint8)
+    else:
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return tf.io.encode_png(pixels).numpy()
+
+
+def status_of(call, request, **kwargs) -> tuple[grpc.StatusCode, str, object]:
+    """(code, details, response or None) of one unary call; never raises for an RPC error."""
+    kwargs.setdefault("timeout", 60)
+    try:
+        return grpc.StatusCode.OK, "", call(request, **kwargs)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", None
+
+
+def requests_counted(server: FpgaServer, method: str, code: str, model: str = "tiny") -> float:
+    """The server's own count of answered requests (fpgaserve_requests_total)."""
+    labels = {"model": model, "method": method, "code": code}
+    value = server.metrics.registry.get_sample_value("fpgaserve_requests_total", labels)
+    return value or 0.0

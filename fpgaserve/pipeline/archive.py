@@ -237,6 +237,11 @@ def _stage_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             raise ArchiveError(f"stage {entry['name']!r} has unknown kind {kind!r}")
         parsed.append(entry)
     check_wiring([(s["name"], s["input"], s["output"]) for s in parsed])
+    if manifest.get("input") != parsed[0]["input"].name:
+        raise ArchiveError(
+            f"{MANIFEST} names service input {manifest.get('input')!r}; the first stage takes "
+            f"{parsed[0]['input'].name!r}"
+        )
     return parsed
 
 
