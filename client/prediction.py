@@ -95,6 +95,14 @@ class _Client:
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         return self.protocol.build(self.model_name, arrays, _wanted(outputs))
 
+    def _method(self, channel: Any) -> Any:
+        """The Predict/ModelInfer call on ``channel`` (sync or grpc.aio alike)."""
+        protocol = self.protocol
+        return channel.unary_unary(protocol.method, protocol.serialize, protocol.deserialize)
+
+    def _call_options(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.settings.timeout_s, "metadata": self.settings.metadata}
+
     def _stale(self) -> bool:
         now = time.monotonic()
         stale = self._channel is None or now - self._last_use > self._idle_limit
@@ -112,15 +120,9 @@ class PredictionClient(_Client):
             if self._channel is not None:
                 self._channel.close()
             self._channel = self.settings.open()
-            self._stub = self._channel.unary_unary(
-                self.protocol.method, self.protocol.serialize, self.protocol.deserialize
-            )
+            self._stub = self._method(self._channel)
         try:
-            response = self._stub(
-                request,
-                timeout=timeout or self.settings.timeout_s,
-                metadata=self.settings.metadata,
-            )
+            response = self._stub(request, **self._call_options(timeout))
         except grpc.RpcError as error:
             raise PredictionError.from_rpc(error) from None
         return self.protocol.read(response)
@@ -176,15 +178,9 @@ class AsyncPredictionClient(_Client):
             if self._channel is not None:
                 await self._channel.close()
             self._channel = self.settings.open_async()
-            self._stub = self._channel.unary_unary(
-                self.protocol.method, self.protocol.serialize, self.protocol.deserialize
-            )
+            self._stub = self._method(self._channel)
         try:
-            response = await self._stub(
-                request,
-                timeout=timeout or self.settings.timeout_s,
-                metadata=self.settings.metadata,
-            )
+            response = await self._stub(request, **self._call_options(timeout))
         except grpc.RpcError as error:
             raise PredictionError.from_rpc(error) from None
         return self.protocol.read(response)
