@@ -22,9 +22,6 @@ class WireError(ValueError):
     """A tensor on the wire that cannot be what it claims (shape, length, dtype)."""
 
 
-InvalidArgument = WireError  # the name the checks below read best with
-
-
 @cache
 def _tf() -> Any:
     """TensorFlow's framework protos (importing them loads TensorFlow: only on first use)."""
@@ -54,17 +51,17 @@ _V2_FLOATS = {
 
 def _count(name: str, shape: Sequence[int]) -> int:
     if any(size < 0 for size in shape):
-        raise InvalidArgument(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
+        raise WireError(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
     # NumPy multiplies every dimension, zeros aside, in int64: refuse what it cannot hold.
     if math.prod(max(size, 1) for size in shape) >= 2**62:
-        raise InvalidArgument(f"tensor {name!r}: shape {list(shape)} is impossibly large")
+        raise WireError(f"tensor {name!r}: shape {list(shape)} is impossibly large")
     return math.prod(shape)
 
 
 def _from_bytes(name: str, data: bytes, dtype: type, shape: Sequence[int]) -> np.ndarray:
     itemsize = np.dtype(dtype).itemsize
     if len(data) != _count(name, shape) * itemsize:
-        raise InvalidArgument(
+        raise WireError(
             f"tensor {name!r}: {len(data)} bytes of content do not fit shape {list(shape)} "
             f"of {np.dtype(dtype).name} ({_count(name, shape) * itemsize} bytes)"
         )
@@ -73,17 +70,13 @@ def _from_bytes(name: str, data: bytes, dtype: type, shape: Sequence[int]) -> np
 
 def _from_values(name: str, values, dtype: type, shape: Sequence[int]) -> np.ndarray:
     if len(values) != _count(name, shape):
-        raise InvalidArgument(
-            f"tensor {name!r}: {len(values)} values do not fill shape {list(shape)}"
-        )
+        raise WireError(f"tensor {name!r}: {len(values)} values do not fill shape {list(shape)}")
     return np.asarray(values, dtype).reshape(shape)
 
 
 def _strings(name: str, values: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
     if len(values) != _count(name, shape):
-        raise InvalidArgument(
-            f"tensor {name!r}: {len(values)} strings do not fill shape {list(shape)}"
-        )
+        raise WireError(f"tensor {name!r}: {len(values)} strings do not fill shape {list(shape)}")
     array = np.empty(len(values), dtype=object)
     array[:] = list(values)
     return array.reshape(shape)
@@ -104,7 +97,7 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     """A TensorProto as an array: strings as an object array of bytes, floats as float32."""
     types_pb2 = _tf()[2]
     if proto.tensor_shape.unknown_rank:
-        raise InvalidArgument(f"tensor {name!r}: give its shape (unknown rank is not accepted)")
+        raise WireError(f"tensor {name!r}: give its shape (unknown rank is not accepted)")
     shape = [dim.size for dim in proto.tensor_shape.dim]
     if proto.dtype == types_pb2.DT_STRING:
         return _strings(name, proto.string_val, shape)
@@ -112,7 +105,7 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     if proto.dtype not in floats:
         known = proto.dtype in types_pb2.DataType.values()
         dtype_name = types_pb2.DataType.Name(proto.dtype) if known else f"#{proto.dtype}"
-        raise InvalidArgument(
+        raise WireError(
             f"tensor {name!r}: dtype {dtype_name} is not accepted; "
             "send DT_STRING images (JPEG/PNG bytes) or DT_FLOAT tensors"
         )
@@ -159,11 +152,11 @@ def _v2_bytes_elements(name: str, raw: bytes, shape: Sequence[int]) -> np.ndarra
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise InvalidArgument(f"tensor {name!r}: raw BYTES content is truncated")
+            raise WireError(f"tensor {name!r}: raw BYTES content is truncated")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise InvalidArgument(f"tensor {name!r}: raw BYTES element overruns its content")
+            raise WireError(f"tensor {name!r}: raw BYTES element overruns its content")
         elements.append(raw[offset : offset + length])
         offset += length
     return _strings(name, elements, shape)
@@ -173,13 +166,13 @@ def from_v2(tensor: Any, raw: bytes | None) -> np.ndarray:
     """A v2 input or output tensor, from its typed contents or its raw contents entry."""
     name, shape, datatype = tensor.name, list(tensor.shape), tensor.datatype
     if raw is not None and tensor.HasField("contents"):
-        raise InvalidArgument(f"tensor {name!r}: give raw contents or typed contents, not both")
+        raise WireError(f"tensor {name!r}: give raw contents or typed contents, not both")
     if datatype == "BYTES":
         if raw is not None:
             return _v2_bytes_elements(name, raw, shape)
         return _strings(name, tensor.contents.bytes_contents, shape)
     if datatype not in _V2_FLOATS:
-        raise InvalidArgument(
+        raise WireError(
             f"tensor {name!r}: datatype {datatype!r} is not accepted; send BYTES images "
             "(JPEG/PNG) or FP32 tensors"
         )
@@ -187,7 +180,7 @@ def from_v2(tensor: Any, raw: bytes | None) -> np.ndarray:
     if raw is not None:
         return _as_float32(_from_bytes(name, raw, dtype, shape))
     if field is None:
-        raise InvalidArgument(f"tensor {name!r}: {datatype} needs raw contents")
+        raise WireError(f"tensor {name!r}: {datatype} needs raw contents")
     return _as_float32(_from_values(name, getattr(tensor.contents, field), dtype, shape))
 
 

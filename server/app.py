@@ -169,7 +169,7 @@ class FpgaServer:
         """Per-model and overall status: SERVING only when ready and not draining."""
         with self._health_lock:
             names = set(self.repository.names())
-            draining = self.core.draining if hasattr(self, "core") else False
+            draining = self.core.draining
             for name in names | self._known_models:
                 ok = name in names and self.repository.model_ready(name) and not draining
                 self.health.set(name, SERVING if ok else NOT_SERVING)

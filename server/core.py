@@ -143,7 +143,7 @@ class ServingCore:
                 self._idle.notify_all()
             ok = code == grpc.StatusCode.OK
             # Only served names become label values: clients cannot grow the metric set.
-            label = record["model"] if record["model"] in self.repository.names() else "unknown"
+            label = record["model"] if self.repository.serves(record["model"]) else "unknown"
             self.metrics.observe_request(
                 label,
                 method,

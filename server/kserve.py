@@ -57,7 +57,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
         def handle(record: dict[str, Any]) -> v2.ModelReadyResponse:
-            if request.name not in self.core.repository.names():
+            if not self.core.repository.serves(request.name):
                 raise NotFound(
                     f"model {request.name!r} is not served here; "
                     f"models: {self.core.repository.names()}"

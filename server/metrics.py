@@ -37,6 +37,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http = None
         self.requests = Counter(
             "fpgaserve_requests",
             "Requests answered, by model, protocol method and status code",
@@ -97,6 +98,6 @@ class Metrics:
         return server.server_port
 
     def close(self) -> None:
-        if getattr(self, "_http", None) is not None:
+        if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

@@ -39,6 +39,7 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     default_output: str
+    stage_of: dict[str, int]  # output name -> the stage that produces it
 
 
 def _roles(stages: Sequence[dict[str, Any]]) -> tuple[list[str], int]:
@@ -101,6 +102,7 @@ class ServedModel:
                 inputs=(stages[0]["input"], *(s["output"] for s in stages[:device_index])),
                 outputs=tuple(stage["output"] for stage in stages[device_index:]),
                 default_output=stages[-1]["output"].name,
+                stage_of={stage["output"].name: i for i, stage in enumerate(stages)},
             )
             self.labels = self.pipeline.labels
             specs = [
@@ -161,12 +163,11 @@ class ServedModel:
             raise InvalidArgument(
                 f"model {self.name!r} has no outputs {unknown}; choose from {known}"
             )
-        stage_of = {stage["output"].name: i for i, stage in enumerate(self.pipeline.stages)}
         job = Job(
             value=value,
             size=len(value),
             start=start,
-            last=max(stage_of[name] for name in wanted),
+            last=max(self.signature.stage_of[name] for name in wanted),
             wanted=frozenset(wanted),
             deadline=deadline,
         )

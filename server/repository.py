@@ -129,6 +129,12 @@ class ModelRepository:
 
     # -- routing -----------------------------------------------------------------------------
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a model of this server (loaded, loading or failed)."""
+        with self._lock:
+            known = name in self._models or name in self._fixed
+            return known or any(n == name for n, _ in (*self._failed, *self._loading))
+
     def names(self) -> list[str]:
         with self._lock:
             others = {name for name, _ in (*self._failed, *self._loading)}
