@@ -79,28 +79,36 @@ __kernel void group_anchor(__global const int *raw, int blocks_per_group, __glob
     anchor[group] = best;
 }
 
-/* One work-item per element: mantissa and (for the first element of a block) the E8M0 code. */
-__kernel void quantize_elements(__global const float *x, int length, int block, int blocks,
-                                int rows_per_group, int mantissa_bits, int window,
-                                __global const int *raw, __global const int *anchor,
-                                __global char *mantissas, __global uchar *codes) {
-    long id = get_global_id(0);
-    long row = id / length;
-    int i = (int)(id % length);
-    int b = i / block;
-    int e = raw[row * blocks + b];
-    int group = (int)(row / rows_per_group);
+/* One work-item per block: section 3.3 for its elements, its E8M0 code, and its shift
+ * s = X - L of section 4.2 (-1 for a NaN block), what the block matrix unit reads. */
+__kernel void quantize_blocks(__global const float *x, int length, int block, int blocks,
+                              int rows_per_group, int mantissa_bits, int window,
+                              __global const int *raw, __global const int *anchor,
+                              __global char *mantissas, __global uchar *codes,
+                              __global int *shifts) {
+    int id = get_global_id(0);                 /* row * blocks + b */
+    int row = id / blocks;
+    int start = (id - row * blocks) * block;
+    int stop = min(start + block, length);
+    __global const float *in = x + (long)row * length;
+    __global char *m = mantissas + (long)row * length;
+    int e = raw[id];
     if (e == 128) {
-        mantissas[id] = 0;
-        if (i % block == 0) codes[row * blocks + b] = NAN_CODE;
+        for (int i = start; i < stop; ++i) m[i] = 0;
+        codes[id] = NAN_CODE;
+        shifts[id] = -1;
         return;
     }
-    int shared_exponent = max(e, anchor[group] - window);
-    uint bits = as_uint(x[id]);
-    int magnitude = round_magnitude(bits & ABS_MASK, (mantissa_bits - 1) - shared_exponent,
-                                    (1 << mantissa_bits) - 1);
-    mantissas[id] = (char)((bits >> 31) ? -magnitude : magnitude);
-    if (i % block == 0) codes[row * blocks + b] = (uchar)(shared_exponent + EXP_BIAS);
+    int floor = anchor[row / rows_per_group] - window;
+    int shared_exponent = max(e, floor);
+    int k = (mantissa_bits - 1) - shared_exponent, max_mantissa = (1 << mantissa_bits) - 1;
+    for (int i = start; i < stop; ++i) {
+        uint bits = as_uint(in[i]);
+        int magnitude = round_magnitude(bits & ABS_MASK, k, max_mantissa);
+        m[i] = (char)((bits >> 31) ? -magnitude : magnitude);
+    }
+    codes[id] = (uchar)(shared_exponent + EXP_BIAS);
+    shifts[id] = shared_exponent - floor;
 }
 
 /* Section 4.1: fl32(acc * 2^scale) with IEEE gradual underflow, then FTZ; acc is exact. */
@@ -133,15 +141,70 @@ inline float scaled_to_float(long acc, int scale) {
     return as_float(sign | ((uint)biased << 23) | ((uint)kept & 0x007FFFFFu));
 }
 
+/* --- Section 5.2: the vector unit's elementary operations -------------------------- */
+
+inline float relu_value(float x) {
+    if (isnan(x)) return x;
+    return x > 0.0f ? x : 0.0f;
+}
+
+/* Activation codes: 0 linear, 1 relu, 2 relu6 (NaN > 6 is false: NaN stays). */
+inline float activate(float x, int activation) {
+    if (activation == 0) return x;
+    float y = relu_value(x);
+    return (activation == 2 && y > 6.0f) ? 6.0f : y;
+}
+
+#define EPILOGUE_BIAS 1
+#define EPILOGUE_SCALE_SHIFT 2
+#define EPILOGUE_ACTIVATION_SHIFT 2
+
+/* A matrix op's epilogue on one output of channel c, in the order the separate ops run:
+ * bias, folded batch norm (two roundings: FP_CONTRACT is off), activation. Fusing it into the
+ * matrix kernel changes no bits and saves a trip through memory per op. */
+inline float epilogue(float x, int c, int flags, __global const float *bias,
+                      __global const float *scale, __global const float *shift) {
+    if (flags & EPILOGUE_BIAS) x = canon(x + bias[c]);
+    if (flags & EPILOGUE_SCALE_SHIFT) x = canon(canon(x * scale[c]) + shift[c]);
+    return activate(x, flags >> EPILOGUE_ACTIVATION_SHIFT);
+}
+
+#define EPILOGUE_ARGS int flags, __global const float *bias, __global const float *scale, \
+                      __global const float *shift
+#define EPILOGUE_PASS flags, bias, scale, shift
+#define EPILOGUE(x, c) epilogue((x), (c), EPILOGUE_PASS)
+
+/* The part of section 4.2's output scale La + Lw - 2(M - 1) shared by a sample's outputs,
+ * La = Ga - W from its anchor (on the device: no trip to the host between quantizing and
+ * convolving). */
+inline int sample_scale(__global const int *anchor, int n, int window, int mantissa_bits) {
+    return anchor[n] - window - 2 * (mantissa_bits - 1);
+}
+
+#define CONV_TILE 8
+
+/* Rounds and stores one pixel's sums for filters o .. o + 7; those at or past `filters` pad
+ * the last tile and are not stored. */
+inline void store_tile(__global float *out, int o, int filters, int is_nan,
+                       const long *sums, int scale_base, __global const int *weight_floor,
+                       EPILOGUE_ARGS) {
+    for (int k = 0; k < CONV_TILE && o + k < filters; ++k) {
+        float y = is_nan ? as_float(CANONICAL_NAN)
+                         : scaled_to_float(sums[k], scale_base + weight_floor[o + k]);
+        out[k] = EPILOGUE(y, o + k);
+    }
+}
+
 /* The matrix unit (section 4) as a direct convolution, one work-item per output (n, i, j, o).
- * Terms are the integers m * 2^(X - L) of section 4.2; nan flags mark NaN-block elements. */
+ * Terms are the integers m * 2^(X - L) of section 4.2; nan flags mark NaN-block elements.
+ * Used where the blocks of conv2d_blocks do not line up (few channels, depthwise, groups). */
 __kernel void conv2d(__global const int *act_terms, __global const uchar *act_nan,
-                     __global const int *act_floor,
+                     __global const int *anchor, int window,
                      int height, int width, int channels,
                      __global const int *weight_terms, __global const int *weight_floor,
                      int filters, int kh, int kw, int sh, int sw, int dh, int dw,
                      int top, int left, int groups, int out_h, int out_w, int mantissa_bits,
-                     __global float *out) {
+                     EPILOGUE_ARGS, __global float *out) {
     long id = get_global_id(0);
     int o = (int)(id % filters);
     long rest = id / filters;
@@ -167,24 +230,33 @@ __kernel void conv2d(__global const int *act_terms, __global const uchar *act_na
             }
         }
     }
+    int scale_base = sample_scale(anchor, n, window, mantissa_bits);
     float result = is_nan ? as_float(CANONICAL_NAN)
-                          : scaled_to_float(acc, act_floor[n] + weight_floor[o]
-                                                     - 2 * (mantissa_bits - 1));
-    out[id] = result;
+                          : scaled_to_float(acc, scale_base + weight_floor[o]);
+    out[id] = EPILOGUE(result, o);
 }
 
-/* The same sums, CONV_TILE (8) filters per work-item (4 and 16 measured slower on PoCL): each activation term is loaded once for
- * eight products (the filters of one group; filters_per_group % 8 == 0). Same integers, same
- * single rounding per output: bit-identical to conv2d. The accumulators are spelled out: PoCL
- * keeps scalars in registers but not a private array. */
-#define CONV_TILE 8
+/* The same sums, CONV_TILE (8) filters per work-item (4 and 16 measured slower on PoCL): each
+ * activation term is loaded once for eight products (the filters of one group;
+ * filters_per_group % 8 == 0). Same integers, same single rounding per output: bit-identical
+ * to conv2d. The accumulators are spelled out: PoCL keeps scalars in registers but not a
+ * private array. */
+#define TILE_MAC(at, wat) do {                                                               \
+        long a = (long)act_terms[at];                                                     \
+        is_nan |= act_nan[at];                                                            \
+        acc0 += a * (long)w0[wat]; acc1 += a * (long)w1[wat];                             \
+        acc2 += a * (long)w2[wat]; acc3 += a * (long)w3[wat];                             \
+        acc4 += a * (long)w4[wat]; acc5 += a * (long)w5[wat];                             \
+        acc6 += a * (long)w6[wat]; acc7 += a * (long)w7[wat];                             \
+    } while (0)
+
 __kernel void conv2d_tiled(__global const int *act_terms, __global const uchar *act_nan,
-                           __global const int *act_floor,
+                           __global const int *anchor, int window,
                            int height, int width, int channels,
                            __global const int *weight_terms, __global const int *weight_floor,
                            int filters, int kh, int kw, int sh, int sw, int dh, int dw,
                            int top, int left, int groups, int out_h, int out_w,
-                           int mantissa_bits, __global float *out) {
+                           int mantissa_bits, EPILOGUE_ARGS, __global float *out) {
     long id = get_global_id(0);
     int tiles = filters / CONV_TILE;
     int o = (int)(id % tiles) * CONV_TILE;
@@ -206,99 +278,151 @@ __kernel void conv2d_tiled(__global const int *act_terms, __global const uchar *
     __global const int *w7 = w6 + span;
     long acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0, acc4 = 0, acc5 = 0, acc6 = 0, acc7 = 0;
     int is_nan = 0;
+    /* With one group and no dilation across columns, a kernel row whose columns all lie inside
+     * the image is one contiguous run of kw * channels terms in NHWC, and in the weights: one
+     * long loop instead of kw short ones (the first layer of an RGB model has 3 channels). */
+    int whole_rows = groups == 1 && dw == 1;
+    int x_first = j * sw - left;
+    int row_inside = x_first >= 0 && x_first + kw - 1 < width;
     for (int p = 0; p < kh; ++p) {
         int y = i * sh + p * dh - top;
         if (y < 0 || y >= height) continue;
+        if (whole_rows && row_inside) {
+            long base = (((long)n * height + y) * width + x_first) * channels;
+            long wbase = (long)p * kw * channels;
+            for (int c = 0; c < kw * channels; ++c) {
+                TILE_MAC(base + c, wbase + c);
+            }
+            continue;
+        }
         for (int q = 0; q < kw; ++q) {
             int x = j * sw + q * dw - left;
             if (x < 0 || x >= width) continue;
             long base = (((long)n * height + y) * width + x) * channels + group * per_group_in;
             long wbase = (long)(p * kw + q) * per_group_in;
             for (int c = 0; c < per_group_in; ++c) {
-                long a = (long)act_terms[base + c];
-                is_nan |= act_nan[base + c];
-                acc0 += a * (long)w0[wbase + c];
-                acc1 += a * (long)w1[wbase + c];
-                acc2 += a * (long)w2[wbase + c];
-                acc3 += a * (long)w3[wbase + c];
-                acc4 += a * (long)w4[wbase + c];
-                acc5 += a * (long)w5[wbase + c];
-                acc6 += a * (long)w6[wbase + c];
-                acc7 += a * (long)w7[wbase + c];
+                TILE_MAC(base + c, wbase + c);
             }
         }
     }
-    int scale = act_floor[n] - 2 * (mantissa_bits - 1);
-    long at = pixel * filters + o;
-    if (is_nan) {
-        out[at + 0] = out[at + 1] = out[at + 2] = out[at + 3] = out[at + 4] = out[at + 5] = out[at + 6] = out[at + 7] = as_float(CANONICAL_NAN);
-        return;
-    }
-    out[at + 0] = scaled_to_float(acc0, scale + weight_floor[o + 0]);
-    out[at + 1] = scaled_to_float(acc1, scale + weight_floor[o + 1]);
-    out[at + 2] = scaled_to_float(acc2, scale + weight_floor[o + 2]);
-    out[at + 3] = scaled_to_float(acc3, scale + weight_floor[o + 3]);
-    out[at + 4] = scaled_to_float(acc4, scale + weight_floor[o + 4]);
-    out[at + 5] = scaled_to_float(acc5, scale + weight_floor[o + 5]);
-    out[at + 6] = scaled_to_float(acc6, scale + weight_floor[o + 6]);
-    out[at + 7] = scaled_to_float(acc7, scale + weight_floor[o + 7]);
+    long sums[CONV_TILE] = {acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7};
+    store_tile(out + pixel * filters + o, o, filters, is_nan, sums,
+               sample_scale(anchor, n, window, mantissa_bits), weight_floor, EPILOGUE_PASS);
 }
 
-/* Integer terms of quantized activations (section 4.2): m * 2^(X - (G - W)), NaN flags. */
-__kernel void activation_terms(__global const char *mantissas, __global const uchar *codes,
-                               int length, int block, int blocks, int rows_per_group,
-                               int window, __global const int *anchor,
+#define BLOCK_DOT(k) d##k += av * (int)w[k * span + c]
+#define SHIFT_ADD(k) acc##k += (long)d##k << (sa + s[k * wblocks])
+
+/* Section 4.2 as hardware builds it: for each pair of aligned activation and weight blocks an
+ * int8 x int8 dot product in 32 bits (below 2^19 for blocks of up to 32), shifted by sa + sw
+ * into a 64-bit accumulator; CONV_TILE filters per work-item, weights padded to whole tiles
+ * with zero mantissas. Needs one group and channels % block == 0, so that weight blocks along
+ * (kh, kw, c) coincide with activation blocks along c. The same exact integer sums as conv2d:
+ * the same bits, with a quarter of the memory traffic and 32-bit multiplies. Scalar code on
+ * purpose: PoCL vectorises the channel loop itself, and explicit vectors measured 3x slower. */
+__kernel void conv2d_blocks(__global const char *act, __global const int *act_shift,
+                            __global const int *anchor, int window,
+                            int height, int width, int channels, int block,
+                            __global const char *weights, __global const int *weight_shift,
+                            __global const int *weight_floor,
+                            int filters, int kh, int kw, int sh, int sw, int dh, int dw,
+                            int top, int left, int out_h, int out_w, int mantissa_bits,
+                            EPILOGUE_ARGS, __global float *out) {
+    int id = get_global_id(0);
+    int tiles = (filters + CONV_TILE - 1) / CONV_TILE;
+    int o = (id % tiles) * CONV_TILE;
+    int pixel = id / tiles;
+    int j = pixel % out_w;
+    int rest = pixel / out_w;
+    int i = rest % out_h;
+    int n = rest / out_h;
+    int blocks = channels / block;             /* activation blocks per pixel */
+    int wblocks = kh * kw * blocks;            /* weight blocks per filter */
+    long span = (long)wblocks * block;         /* weight elements per filter */
+    __global const char *w0 = weights + (long)o * span;
+    __global const int *s0 = weight_shift + (long)o * wblocks;
+    long acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0, acc4 = 0, acc5 = 0, acc6 = 0, acc7 = 0;
+    int is_nan = 0;
+    for (int p = 0; p < kh; ++p) {
+        int y = i * sh + p * dh - top;
+        if (y < 0 || y >= height) continue;
+        for (int q = 0; q < kw; ++q) {
+            int x = j * sw + q * dw - left;
+            if (x < 0 || x >= width) continue;
+            int first = ((n * height + y) * width + x) * blocks;
+            int wfirst = (p * kw + q) * blocks;
+            for (int b = 0; b < blocks; ++b) {
+                int sa = act_shift[first + b];
+                if (sa < 0) {                  /* a NaN block (section 4.1) */
+                    is_nan = 1;
+                    continue;
+                }
+                __global const char *a = act + (long)(first + b) * block;
+                __global const char *w = w0 + (long)(wfirst + b) * block;
+                __global const int *s = s0 + wfirst + b;
+                int d0 = 0, d1 = 0, d2 = 0, d3 = 0, d4 = 0, d5 = 0, d6 = 0, d7 = 0;
+                for (int c = 0; c < block; ++c) {
+                    int av = a[c];
+                    BLOCK_DOT(0); BLOCK_DOT(1); BLOCK_DOT(2); BLOCK_DOT(3);
+                    BLOCK_DOT(4); BLOCK_DOT(5); BLOCK_DOT(6); BLOCK_DOT(7);
+                }
+                SHIFT_ADD(0); SHIFT_ADD(1); SHIFT_ADD(2); SHIFT_ADD(3);
+                SHIFT_ADD(4); SHIFT_ADD(5); SHIFT_ADD(6); SHIFT_ADD(7);
+            }
+        }
+    }
+    long sums[CONV_TILE] = {acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7};
+    store_tile(out + (long)pixel * filters + o, o, filters, is_nan, sums,
+               sample_scale(anchor, n, window, mantissa_bits), weight_floor, EPILOGUE_PASS);
+}
+
+/* Integer terms m * 2^s of section 4.2 (s = X - L from quantize_blocks) and NaN flags, for
+ * the convolutions whose blocks do not line up. */
+__kernel void activation_terms(__global const char *mantissas, __global const int *shifts,
+                               int length, int block, int blocks,
                                __global int *terms, __global uchar *nan_flags) {
     long id = get_global_id(0);
     long row = id / length;
     int b = (int)(id % length) / block;
-    uchar code = codes[row * blocks + b];
-    int group = (int)(row / rows_per_group);
-    if (code == NAN_CODE) {
-        terms[id] = 0;
-        nan_flags[id] = 1;
-        return;
-    }
-    int shift = ((int)code - EXP_BIAS) - (anchor[group] - window);
-    terms[id] = (int)mantissas[id] * (1 << shift);
-    nan_flags[id] = 0;
+    int shift = shifts[row * blocks + b];
+    terms[id] = shift < 0 ? 0 : (int)mantissas[id] * (1 << shift);
+    nan_flags[id] = shift < 0;
 }
 
 /* --- Section 5: the vector unit, one work-item per element ---------------------------- */
 
-__kernel void bias(__global const float *x, __global const float *b, int channels,
-                   __global float *out) {
+/* bias, scale_shift, relu and relu6 as ops of their own: the matrix epilogue, alone. */
+__kernel void channel_ops(__global const float *x, int channels, EPILOGUE_ARGS,
+                          __global float *out) {
     long id = get_global_id(0);
-    out[id] = canon(x[id] + b[id % channels]);
+    out[id] = EPILOGUE(x[id], (int)(id % channels));
 }
 
-__kernel void scale_shift(__global const float *x, __global const float *s,
-                          __global const float *t, int channels, __global float *out) {
+__kernel void add(__global const float *a, __global const float *b, int activation,
+                  __global float *out) {
+    long id = get_global_id(0);
+    out[id] = activate(canon(a[id] + b[id]), activation);
+}
+
+/* Layout ops copy bits (section 5.2), so they move uints, never floats. */
+__kernel void copy_channels(__global const uint *x, int channels, int out_channels, int offset,
+                            __global uint *out) {
+    long id = get_global_id(0);
+    long pixel = id / channels;
+    out[pixel * out_channels + offset + (int)(id % channels)] = x[id];
+}
+
+__kernel void zero_pad(__global const uint *x, int height, int width, int channels,
+                       int top, int left, int out_h, int out_w, __global uint *out) {
     long id = get_global_id(0);
     int c = (int)(id % channels);
-    float product = canon(x[id] * s[c]);       /* two roundings: FP_CONTRACT is off */
-    out[id] = canon(product + t[c]);
-}
-
-inline float relu_value(float x) {
-    if (isnan(x)) return x;
-    return x > 0.0f ? x : 0.0f;
-}
-
-__kernel void relu(__global const float *x, __global float *out) {
-    long id = get_global_id(0);
-    out[id] = relu_value(x[id]);
-}
-
-__kernel void relu6(__global const float *x, __global float *out) {
-    long id = get_global_id(0);
-    float y = relu_value(x[id]);
-    out[id] = (y > 6.0f) ? 6.0f : y;           /* NaN > 6 is false: NaN stays */
-}
-
-__kernel void add(__global const float *a, __global const float *b, __global float *out) {
-    long id = get_global_id(0);
-    out[id] = canon(a[id] + b[id]);
+    long rest = id / channels;
+    int col = (int)(rest % out_w) - left;
+    rest /= out_w;
+    int row = (int)(rest % out_h) - top;
+    long n = rest / out_h;
+    int inside = row >= 0 && row < height && col >= 0 && col < width;
+    out[id] = inside ? x[((n * height + row) * width + col) * channels + c] : 0u;
 }
 
 /* max_pool / avg_pool over in-range positions, row-major (kh outer, kw inner); r(n) comes

@@ -16,16 +16,22 @@ FORMATS = ["msfp16", "msfp12", "mxint8"]
 
 
 @st.composite
-def conv_cases(draw):
-    kind = draw(st.sampled_from(["dense", "grouped", "depthwise"]))
-    if kind == "depthwise":
+def conv_cases(draw, aligned: bool = False):
+    """Random convolutions; ``aligned``: one group, channels a multiple of every block size
+    (the OpenCL block matrix unit's case), NaN and Inf elements now and then."""
+    kind = "aligned" if aligned else draw(st.sampled_from(["dense", "grouped", "depthwise"]))
+    if kind == "aligned":
+        groups, channels = 1, 32 * draw(st.integers(1, 2))
+    elif kind == "depthwise":
         channels = groups = draw(st.integers(1, 12))
     elif kind == "grouped":
         groups = draw(st.integers(2, 3))
         channels = groups * draw(st.integers(1, 5))
     else:
         groups, channels = 1, draw(st.integers(1, 20))
-    filters = groups * draw(st.integers(1, 3))
+    # 8 and 16 filters per group: the OpenCL kernels' whole tiles of filters.
+    per_group = st.integers(1, 20) if aligned else st.sampled_from([1, 2, 3, 8, 16])
+    filters = groups * draw(per_group)
     kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     geometry = Geometry(
         kernel=kernel,
@@ -44,6 +50,8 @@ def conv_cases(draw):
     rng = np.random.default_rng(seed)
     scale = np.exp2(rng.integers(-8, 8, size=(batch, height, width, channels)))
     x = (rng.standard_normal((batch, height, width, channels)) * scale).astype(np.float32)
+    if aligned and draw(st.booleans()):
+        x.flat[rng.integers(0, x.size)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     reduction = kernel[0] * kernel[1] * (channels // groups)
     w = (rng.standard_normal((filters, reduction)) * 0.3).astype(np.float32)
     return x, w, geometry

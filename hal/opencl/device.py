@@ -1,9 +1,10 @@
 """The OpenCL HAL device: runs accelerator programs through kernels/datapath.cl.
 
-First version: the matrix and vector ops run as kernels (one command queue per calling thread),
-layout ops (zero_pad, concat, flatten) are bit copies on the host, and tensors travel through
-host memory between ops; weights stay on the device from load to unload. Device-resident
-tensors and a faster convolution are the rest of Step 6.
+Every op runs as a kernel on one command queue per calling thread, and activations stay in
+device memory from the program's inputs to its outputs: a run uploads its inputs once and
+fetches its outputs once. Weights and per-channel parameters go to the device when a program is
+loaded and stay there until it is unloaded. A matrix op's bias, folded batch norm and
+activation are fused into its kernel (the same roundings in the same order).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ import pyopencl as cl
 from ..device import Device, DeviceInfo, LoadedProgram
 from ..errors import DeviceFaultError, DeviceNotFoundError, InvalidProgramError
 from ..formats import FORMATS, BlockFormat, get_format
-from ..program import MATRIX_OPS, Geometry, Program, Shape
-from .kernels import DatapathKernels
+from ..program import Geometry, Op, Program, Shape
+from .kernels import DatapathKernels, DeviceTensor, DeviceWeight, Epilogue
 
 MANIFEST_ENV = "FPGASERVE_BOARD_MANIFEST"
 KINDS = {
@@ -103,11 +104,7 @@ class OpenCLDevice(Device):
                 f"{self.info.name} runs the quantized formats; the {program.format} reference "
                 "format runs on the emulator"
             )
-        # Weights go to the device once, when the program is loaded.
-        return [
-            self._kernels.upload_weight(op.params["weight"]) if op.kind in MATRIX_OPS else None
-            for op in program.ops
-        ]
+        return _Plan(program, self._kernels)
 
     @property
     def healthy(self) -> bool:
@@ -131,7 +128,6 @@ class OpenCLDevice(Device):
         return self._kernels.take_kernel_seconds()
 
     def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = dict(inputs)
         try:
             self._kernels.take_kernel_seconds()  # forget what earlier runs left on this thread
             if self._faulted:
@@ -139,54 +135,95 @@ class OpenCLDevice(Device):
                     if self._faulted:
                         self._recover()
                 loaded = self._programs[loaded.handle]
-            for op, weight in zip(loaded.program.ops, loaded.state, strict=True):
-                args = [tensors[name] for name in op.inputs]
-                tensors[op.output] = self._op(op, args, weight)
+            return loaded.state.run(self._kernels, inputs)
         except cl.Error as exc:
             self._faulted = True
             raise DeviceFaultError(
                 f"{self.info.name}: OpenCL error, request failed; the device re-initialises "
                 f"on the next request ({exc})"
             ) from exc
-        return {name: tensors[name] for name in loaded.program.outputs}
 
-    def _epilogue(self, x: np.ndarray, op) -> np.ndarray:
-        k, params, channels = self._kernels, op.params, x.shape[-1]
-        if "bias" in params:
-            x = k.elementwise("bias", x, params["bias"], channels=channels)
-        if "scale" in params:
-            x = k.elementwise("scale_shift", x, params["scale"], params["shift"], channels=channels)
-        activation = op.attrs.get("activation", "linear")
-        return x if activation == "linear" else k.elementwise(activation, x)
 
-    def _op(self, op, args: list[np.ndarray], weight) -> np.ndarray:
-        k, kind, a, x = self._kernels, op.kind, op.attrs, args[0]
-        channels = x.shape[-1]
-        if kind == "conv2d":
-            return self._epilogue(k.conv2d(x, weight, Geometry.from_attrs(a)), op)
-        if kind == "dense":
-            out = k.conv2d(x.reshape(x.shape[0], 1, 1, -1), weight, Geometry())
-            return self._epilogue(out.reshape(x.shape[0], -1), op)
-        if kind == "bias":
-            return k.elementwise("bias", x, op.params["bias"], channels=channels)
-        if kind == "scale_shift":
-            p = op.params
-            return k.elementwise("scale_shift", x, p["scale"], p["shift"], channels=channels)
-        if kind in ("relu", "relu6"):
-            return k.elementwise(kind, x)
-        if kind == "add":
-            total = k.elementwise("add", x, args[1])
-            activation = a.get("activation", "linear")
-            return total if activation == "linear" else k.elementwise(activation, total)
-        if kind in ("max_pool", "avg_pool"):
-            return k.pool(x, kind == "avg_pool", a["pool"], a["strides"], a["padding"])
-        if kind in ("global_avg_pool", "global_max_pool"):
-            out = k.pool(x, kind == "global_avg_pool", x.shape[1:3], (1, 1), (0, 0, 0, 0))
-            return out if a.get("keepdims", False) else out.reshape(x.shape[0], -1)
-        # Layout ops copy bits (section 5.2); they run on the host in this first version.
-        if kind == "concat":
-            return np.concatenate(args, axis=-1)
-        if kind == "zero_pad":
-            top, bottom, left, right = a["padding"]
-            return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-        return x.reshape(x.shape[0], -1)
+@dataclass(frozen=True)
+class _Step:
+    """One op as the device runs it: its constants on the device, and the tensors whose last
+    use it is (dropped after it, so their buffers go back to the pool)."""
+
+    op: Op
+    weight: DeviceWeight | None
+    epilogue: Epilogue
+    last_uses: tuple[str, ...]
+
+
+class _Plan:
+    """A loaded program: constants uploaded once, tensor lifetimes worked out once."""
+
+    def __init__(self, program: Program, kernels: DatapathKernels) -> None:
+        self.program = program
+        last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
+        keep = set(program.outputs)
+        self.steps = [
+            _Step(
+                op,
+                _weight(kernels, op),
+                _epilogue(kernels, op),
+                tuple(
+                    name for name in dict.fromkeys(op.inputs)
+                    if last_use[name] == i and name not in keep
+                ),
+            )
+            for i, op in enumerate(program.ops)
+        ]  # fmt: skip
+
+    def run(self, kernels: DatapathKernels, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = {name: kernels.upload(value) for name, value in inputs.items()}
+        for step in self.steps:
+            args = [tensors[name] for name in step.op.inputs]
+            tensors[step.op.output] = _execute(kernels, step, args)
+            for name in step.last_uses:
+                del tensors[name]
+        return {name: kernels.download(tensors[name]) for name in self.program.outputs}
+
+
+def _weight(kernels: DatapathKernels, op: Op) -> DeviceWeight | None:
+    if op.kind == "conv2d":
+        return kernels.upload_weight(op.params["weight"], Geometry.from_attrs(op.attrs))
+    if op.kind == "dense":
+        return kernels.upload_weight(op.params["weight"], Geometry())
+    return None
+
+
+def _epilogue(kernels: DatapathKernels, op: Op) -> Epilogue:
+    """Per-channel constants of matrix ops and of bias / scale_shift / relu / relu6 ops."""
+    params = {
+        name: kernels.constant(np.asarray(op.params[name], np.float32))
+        for name in ("bias", "scale", "shift")
+        if name in op.params
+    }
+    activation = op.kind if op.kind in ("relu", "relu6") else op.attrs.get("activation", "linear")
+    return Epilogue(**params, activation=activation)
+
+
+def _execute(kernels: DatapathKernels, step: _Step, args: list[DeviceTensor]) -> DeviceTensor:
+    op, x = step.op, args[0]
+    kind, a = op.kind, op.attrs
+    if kind == "conv2d":
+        return kernels.conv(x, step.weight, Geometry.from_attrs(a), step.epilogue)
+    if kind == "dense":
+        image = x.reshape(x.shape[0], 1, 1, x.size // x.shape[0])
+        out = kernels.conv(image, step.weight, Geometry(), step.epilogue)
+        return out.reshape(x.shape[0], out.shape[-1])
+    if kind in ("bias", "scale_shift", "relu", "relu6"):
+        return kernels.channel_ops(x, step.epilogue)
+    if kind == "add":
+        return kernels.add(x, args[1], step.epilogue.activation)
+    if kind in ("max_pool", "avg_pool"):
+        return kernels.pool_op(x, kind == "avg_pool", a["pool"], a["strides"], a["padding"])
+    if kind in ("global_avg_pool", "global_max_pool"):
+        out = kernels.pool_op(x, kind == "global_avg_pool", x.shape[1:3], (1, 1), (0, 0, 0, 0))
+        return out if a.get("keepdims", False) else out.reshape(x.shape[0], x.shape[-1])
+    if kind == "concat":
+        return kernels.concat(args)
+    if kind == "zero_pad":
+        return kernels.zero_pad(x, a["padding"])
+    return x.reshape(x.shape[0], x.size // x.shape[0])  # flatten
