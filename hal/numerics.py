@@ -77,17 +77,26 @@ class BlockTensor:
         values[self.nan_elements()] = np.nan
         return values
 
+    def _exponents_and_anchor(self) -> tuple[np.ndarray, np.ndarray]:
+        """Block exponents X (NaN blocks as -127: their mantissas are 0) and G per group."""
+        exponents = self.codes.astype(np.int32) - EXP_BIAS
+        exponents[self.codes == NAN_CODE] = -EXP_BIAS
+        return exponents, exponents.reshape(exponents.shape[0], -1).max(axis=1)
+
     def integer_terms(self) -> tuple[np.ndarray, np.ndarray]:
         """Section 4.2: per element ``m * 2^(X - L)`` (exact float32), ``L`` per group (axis 0).
 
         NaN-block elements contribute 0 here; callers track NaN separately.
         """
-        nan_blocks = self.codes == NAN_CODE
-        exponents = self.codes.astype(np.int32) - EXP_BIAS
-        exponents[nan_blocks] = -EXP_BIAS
-        anchor = exponents.reshape(exponents.shape[0], -1).max(axis=1)
+        exponents, anchor = self._exponents_and_anchor()
         mantissas = _blocks(self.mantissas.astype(np.float32), self.format.block_size)
         return _shifted_terms(mantissas, exponents, anchor, self.format, self.shape[-1])
+
+    def block_shifts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Section 4.2: per block the shift ``s = X - L`` (int32), ``L`` per group (axis 0)."""
+        exponents, anchor = self._exponents_and_anchor()
+        floor = anchor - self.format.window
+        return exponents - floor.reshape((-1,) + (1,) * (exponents.ndim - 1)), floor
 
 
 def _pow2(exponents: np.ndarray) -> np.ndarray:

@@ -84,6 +84,16 @@ class Program:
                 raise InvalidProgramError(f"program output {name!r} is never produced")
         return shapes
 
+    def releases(self) -> list[tuple[str, ...]]:
+        """Per op, the tensors nothing later reads (program outputs excepted): a backend frees
+        them right after that op, so a run holds only live activations."""
+        last_use = {name: index for index, op in enumerate(self.ops) for name in op.inputs}
+        freed: list[list[str]] = [[] for _ in self.ops]
+        for name, index in last_use.items():
+            if name not in self.outputs:
+                freed[index].append(name)
+        return [tuple(names) for names in freed]
+
 
 def conv_output_size(size: int, kernel: int, stride: int, dilation: int, pad: int) -> int:
     """Section 4.3: output length along one spatial axis (padding ``pad`` = both sides)."""

@@ -96,20 +96,14 @@ class EmulatorDevice(Device):
             else None
             for op in program.ops
         ]
-        last_use = {name: len(program.ops) for name in program.outputs}
-        for index, op in enumerate(program.ops):
-            for name in op.inputs:
-                last_use.setdefault(name, index)
-                last_use[name] = max(last_use[name], index)
-        return weights, last_use
+        return weights, program.releases()
 
     def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        weights, last_use = loaded.state
+        weights, releases = loaded.state
         tensors = dict(inputs)
         for index, op in enumerate(loaded.program.ops):
             args = [tensors[name] for name in op.inputs]
             tensors[op.output] = _KERNELS[op.kind](op, args, weights[index])
-            for name in op.inputs:
-                if last_use.get(name) == index:
-                    tensors.pop(name, None)
+            for name in releases[index]:
+                del tensors[name]
         return {name: tensors[name] for name in loaded.program.outputs}

@@ -160,20 +160,10 @@ class _Plan:
 
     def __init__(self, program: Program, kernels: DatapathKernels) -> None:
         self.program = program
-        last_use = {name: i for i, op in enumerate(program.ops) for name in op.inputs}
-        keep = set(program.outputs)
         self.steps = [
-            _Step(
-                op,
-                _weight(kernels, op),
-                _epilogue(kernels, op),
-                tuple(
-                    name for name in dict.fromkeys(op.inputs)
-                    if last_use[name] == i and name not in keep
-                ),
-            )
-            for i, op in enumerate(program.ops)
-        ]  # fmt: skip
+            _Step(op, _weight(kernels, op), _epilogue(kernels, op), released)
+            for op, released in zip(program.ops, program.releases(), strict=True)
+        ]
 
     def run(self, kernels: DatapathKernels, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = {name: kernels.upload(value) for name, value in inputs.items()}

@@ -21,7 +21,7 @@ import pyopencl as cl
 import pyopencl.tools
 
 from ..errors import DeviceFaultError
-from ..formats import EXP_BIAS, NAN_CODE, BlockFormat
+from ..formats import BlockFormat
 from ..numerics import BlockTensor, reciprocal
 from ..program import Geometry, conv_output_size
 
@@ -201,12 +201,10 @@ class DatapathKernels:
         return DeviceTensor(buffer, array.shape)
 
     def download(self, tensor: DeviceTensor) -> np.ndarray:
-        """Blocking: the in-order queue has finished every kernel that wrote ``tensor``."""
-        host = np.empty(tensor.shape, np.float32)
-        cl.enqueue_copy(self.queue, host, tensor.buffer)
-        return host
+        return self._fetch(tensor.buffer, tensor.shape, np.float32)
 
     def _fetch(self, buffer: cl.MemoryObjectHolder, shape, dtype) -> np.ndarray:
+        """Blocking: the in-order queue has finished every kernel that wrote ``buffer``."""
         host = np.empty(shape, dtype)
         cl.enqueue_copy(self.queue, host, buffer)
         return host
@@ -222,12 +220,10 @@ class DatapathKernels:
             terms, floor = weight.integer_terms()
             return DeviceWeight(self.constant(terms.astype(np.int32)), None,
                                 self.constant(floor.astype(np.int32)), filters, fmt)  # fmt: skip
-        exponents = weight.codes.astype(np.int32) - EXP_BIAS
-        exponents[weight.codes == NAN_CODE] = -EXP_BIAS  # as integer_terms: zero mantissas
-        floor = exponents.max(axis=1) - fmt.window
+        shifts, floor = weight.block_shifts()
         pad = -filters % CONV_TILE  # whole tiles of filters for conv2d_blocks
         mantissas = np.pad(weight.mantissas, ((0, pad), (0, 0)))
-        shifts = np.pad(exponents - floor[:, None], ((0, pad), (0, 0))).astype(np.int32)
+        shifts = np.pad(shifts, ((0, pad), (0, 0))).astype(np.int32)
         return DeviceWeight(self.constant(mantissas), self.constant(shifts),
                             self.constant(floor.astype(np.int32)), filters, fmt)  # fmt: skip
 
