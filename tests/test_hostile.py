@@ -10,6 +10,7 @@ so in a comment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -444,9 +445,11 @@ def test_request_ids_are_echoed_only_when_sane(plain_server, caplog, sent, echoe
     assert [r.request_id for r in access] == [request_id]
 
 
-def test_concurrent_call_limit_refuses_at_once_and_recovers(archive):
-    """More concurrent calls than ``threads``: RESOURCE_EXHAUSTED at once, not a queue that
-    grows; every accepted call is answered once the device catches up."""
+@contextlib.contextmanager
+def every_call_slot_held(archive):
+    """A server with ``threads=4`` whose four call slots are all held at a closed device gate;
+    yields (channel, stub, scheduler, device, held calls); the gate opens and every held call
+    is answered on the way out."""
     device = GatedDevice()
     config = ServerConfig(archives=[archive], threads=4, batching=BatchingConfig(max_queue_size=8))
     with (
@@ -459,7 +462,19 @@ def test_concurrent_call_limit_refuses_at_once_and_recovers(archive):
         device.gate.clear()
         held = [pool.submit(stub.Predict, predict_request([SMALL_JPEG]), timeout=60)
                 for _ in range(4)]  # fmt: skip
-        eventually(lambda: scheduler.in_flight == 4, timeout=30)
+        try:
+            eventually(lambda: scheduler.in_flight == 4, timeout=30)
+            yield ch, stub, scheduler, device, held
+        finally:
+            device.gate.set()
+            for future in held:
+                future.result()
+
+
+def test_concurrent_call_limit_refuses_at_once_and_recovers(archive):
+    """More concurrent calls than ``threads``: RESOURCE_EXHAUSTED at once, not a queue that
+    grows; every accepted call is answered once the device catches up."""
+    with every_call_slot_held(archive) as (_, stub, scheduler, device, held):
         started = time.monotonic()
         code, details, _ = status_of(stub.Predict, predict_request([SMALL_JPEG]), timeout=30)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
@@ -475,28 +490,11 @@ def test_concurrent_call_limit_refuses_at_once_and_recovers(archive):
 # with `threads` calls in progress Health/Check was refused RESOURCE_EXHAUSTED and the Kubernetes
 # liveness probe (deploy/) failed under sustained load.
 def test_health_is_answered_while_every_call_slot_is_busy(archive):
-    device = GatedDevice()
-    config = ServerConfig(archives=[archive], threads=4, batching=BatchingConfig(max_queue_size=8))
-    with (
-        running(config, device) as server,
-        channel(server) as ch,
-        ThreadPoolExecutor(4) as pool,
-    ):
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
-        scheduler = server.repository.get("tiny").scheduler
-        device.gate.clear()
-        held = [pool.submit(stub.Predict, predict_request([SMALL_JPEG]), timeout=60)
-                for _ in range(4)]  # fmt: skip
-        try:
-            eventually(lambda: scheduler.in_flight == 4, timeout=30)
-            check = health_pb2_grpc.HealthStub(ch).Check
-            code, details, reply = status_of(check, health_pb2.HealthCheckRequest(), timeout=10)
-            assert code == OK, f"{code.name}: {details}"
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        finally:
-            device.gate.set()
-            for future in held:
-                future.result()
+    with every_call_slot_held(archive) as (ch, *_):
+        check = health_pb2_grpc.HealthStub(ch).Check
+        code, details, reply = status_of(check, health_pb2.HealthCheckRequest(), timeout=10)
+        assert code == OK, f"{code.name}: {details}"
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _serving(ch) -> bool:
