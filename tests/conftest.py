@@ -47,3 +47,11 @@ def imagenet() -> Path:
     if not MOBILENET_WEIGHTS.is_file():
         pytest.skip(f"real ImageNet assets not found at {IMAGENET} (set FPGASERVE_IMAGENET_DIR)")
     return IMAGENET
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """The tiny model's archive, built once per test module (a module may override it)."""
+    from servers import tiny_archive  # TensorFlow and Keras only for modules that use it
+
+    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")

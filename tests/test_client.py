@@ -8,12 +8,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from servers import GatedDevice, jpeg, make_pki, running, tiny_archive
+from servers import GatedDevice, jpeg, make_pki, running
 
 from conftest import MOBILENET_WEIGHTS
 from fpgaserve.cli import main as cli_main
@@ -34,13 +33,8 @@ PHOTO = "n01440764_tench.JPEG"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny):
-    with running(ServerConfig(archives=[tiny])) as server:
+def tiny_server(archive):
+    with running(ServerConfig(archives=[archive])) as server:
         yield server
 
 
@@ -99,12 +93,12 @@ def test_packaged_labels_follow_keras_class_order(imagenet):
 # -- Azure's interface -------------------------------------------------------------------------
 
 
-def test_outputs_and_batches_follow_azures_client(tiny_server, tiny):
+def test_outputs_and_batches_follow_azures_client(tiny_server, archive):
     with PredictionClient("localhost", tiny_server.port) as client:
         one = client.score_image(jpeg(0))
         features, both = client.score_image(jpeg(0), outputs=["features", "probabilities"])
         batch = client.score_numpy_arrays({"images": np.array([jpeg(0), jpeg(1)], dtype=object)})
-    with Pipeline.load(tiny) as pipeline:
+    with Pipeline.load(archive) as pipeline:
         expected = pipeline.run({"images": [jpeg(0), jpeg(1)]}, ["features", "probabilities"])
     np.testing.assert_array_equal(one, expected["probabilities"][0])
     np.testing.assert_array_equal(both, one)
@@ -125,9 +119,9 @@ def test_addresses_default_like_azures_client():
 # -- retries, errors, limits -------------------------------------------------------------------
 
 
-def test_retries_unavailable_but_never_invalid_argument(tiny):
+def test_retries_unavailable_but_never_invalid_argument(archive):
     device = GatedDevice()
-    with running(ServerConfig(archives=[tiny]), device) as server:
+    with running(ServerConfig(archives=[archive]), device) as server:
         runs = device.runs
         device.failing.set()
 
@@ -178,17 +172,17 @@ class socket_free_port:
         pass
 
 
-def test_message_limits_match_the_server(tiny):
+def test_message_limits_match_the_server(archive):
     big = jpeg(0, size=(2400, 2400))  # ~6.5 MiB of noise: past gRPC's 4 MiB default
     assert len(big) > 4 * 2**20
-    with running(ServerConfig(archives=[tiny])) as server:
+    with running(ServerConfig(archives=[archive])) as server:
         with V2PredictionClient(address(server)) as client:
             assert client.score_image(big).shape == (10,)  # 64 MiB on both sides by default
         with V2PredictionClient(address(server), max_message_mb=1) as client:
             with pytest.raises(PredictionError) as info:
                 client.score_image(big)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    small_server = ServerConfig(archives=[tiny], max_message_bytes=2**20)
+    small_server = ServerConfig(archives=[archive], max_message_bytes=2**20)
     with running(small_server) as server, V2PredictionClient(address(server)) as client:
         with pytest.raises(PredictionError) as info:
             client.score_image(big)
@@ -199,10 +193,10 @@ def test_message_limits_match_the_server(tiny):
 # -- security ----------------------------------------------------------------------------------
 
 
-def test_tls_with_a_custom_ca_and_a_bearer_token(tiny, tmp_path):
+def test_tls_with_a_custom_ca_and_a_bearer_token(archive, tmp_path):
     pki = make_pki(tmp_path)
     config = ServerConfig(
-        archives=[tiny], tls=TlsConfig(pki["server"], pki["server_key"]), auth_keys=[b"k3y"]
+        archives=[archive], tls=TlsConfig(pki["server"], pki["server_key"]), auth_keys=[b"k3y"]
     )
     ca = pki["ca"].read_bytes()
     with running(config) as server:

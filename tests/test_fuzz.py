@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
-from servers import channel, jpeg, png, rss_bytes, running, status_of, tiny_archive
+from servers import channel, jpeg, png, rss_bytes, running, status_of
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -84,11 +84,6 @@ RELAXED = settings(
 
 
 # -- the server under fuzz ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("fuzz") / "tiny.zip")
 
 
 @pytest.fixture(scope="module")

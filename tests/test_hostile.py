@@ -26,7 +26,7 @@ import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import GatedDevice, channel, jpeg, png, running, status_of, tiny_archive
+from servers import GatedDevice, channel, jpeg, png, running, status_of
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -50,11 +50,6 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 SMALL_JPEG = jpeg(11, size=(24, 32))
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("hostile") / "tiny.zip")
 
 
 # -- bearer tokens on every RPC ----------------------------------------------------------------

@@ -4,7 +4,6 @@ v2 stubs, and the gRPC health and reflection clients."""
 from __future__ import annotations
 
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -29,11 +28,6 @@ from fpgaserve.pipeline import Pipeline
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import ServerConfig
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import GatedDevice, channel, jpeg, running, tiny_archive
+from servers import GatedDevice, channel, jpeg, running
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from test_server import predict_request
 from test_server_repository import eventually
@@ -22,17 +21,22 @@ from fpgaserve.pipeline import Pipeline
 from fpgaserve.server import BatchingConfig, ServerConfig
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
-
-
 def stub_of(ch):
     return prediction_service_pb2_grpc.PredictionServiceStub(ch)
 
 
-def wait_for_runs(device: GatedDevice, scheduler, in_flight: int) -> None:
+def wait_for_runs(scheduler, in_flight: int) -> None:
     eventually(lambda: scheduler.in_flight == in_flight, timeout=30)
+
+
+def held_requests(pool: ThreadPoolExecutor, ch, scheduler, count: int) -> list:
+    """``count`` Predict calls in flight behind a closed device gate, accepted by the server."""
+    futures = [
+        pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
+        for i in range(count)
+    ]
+    wait_for_runs(scheduler, count)
+    return futures
 
 
 def test_queued_requests_share_a_device_batch_and_get_their_own_bits(archive):
@@ -44,7 +48,7 @@ def test_queued_requests_share_a_device_batch_and_get_their_own_bits(archive):
         runs_before = device.runs
         futures = [pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
                    for i in range(5)]  # fmt: skip
-        wait_for_runs(device, model.scheduler, 5)
+        wait_for_runs(model.scheduler, 5)
         time.sleep(0.2)  # let the preprocess stage hand everything to the device queue
         device.gate.set()
         results = [tf.make_ndarray(f.result().outputs["probabilities"]) for f in futures]
@@ -63,9 +67,7 @@ def test_overload_is_refused_at_once_and_bounded(archive):
     with running(config, device) as server, channel(server) as ch, ThreadPoolExecutor(4) as pool:
         model = server.repository.get("tiny")
         device.gate.clear()
-        futures = [pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
-                   for i in range(4)]  # fmt: skip
-        wait_for_runs(device, model.scheduler, 4)
+        futures = held_requests(pool, ch, model.scheduler, 4)
         with pytest.raises(grpc.RpcError) as info:
             stub_of(ch).Predict(predict_request([jpeg()]), timeout=60)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -88,7 +90,7 @@ def test_deadlines_and_cancellation_free_their_place(archive):
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
         call = stub_of(ch).Predict.future(predict_request([jpeg(1)]), timeout=60)
-        wait_for_runs(device, model.scheduler, 2)
+        wait_for_runs(model.scheduler, 2)
         call.cancel()
         device.gate.set()
         eventually(lambda: model.scheduler.in_flight == 0)
@@ -130,9 +132,7 @@ def test_stop_drains_accepted_requests(archive):
     with running(config, device) as server, channel(server) as ch, ThreadPoolExecutor(4) as pool:
         model = server.repository.get("tiny")
         device.gate.clear()
-        futures = [pool.submit(stub_of(ch).Predict, predict_request([jpeg(i)]), timeout=60)
-                   for i in range(3)]  # fmt: skip
-        wait_for_runs(device, model.scheduler, 3)
+        futures = held_requests(pool, ch, model.scheduler, 3)
         stopper = threading.Thread(target=server.stop)
         stopper.start()
         eventually(lambda: server.core.draining)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import jpeg, make_pki, running, tiny_archive
+from servers import jpeg, make_pki, running
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -24,11 +24,6 @@ from fpgaserve.server import ServerConfig, TlsConfig
 from fpgaserve.server.auth import load_keys
 
 KEY = "s3cr3t-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
 
 
 @pytest.fixture(scope="module")
