@@ -182,12 +182,13 @@ def quantize(x: np.ndarray, fmt: BlockFormat) -> BlockTensor:
     return BlockTensor(np.ascontiguousarray(mantissas), codes, fmt)
 
 
-def integer_terms(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize and return the section 4.2 terms ``m * 2^(X - L)`` (float32) in one sweep.
+def quantized_values(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize and return every element's exact value ``m * 2^(X - (M-1))`` in one sweep.
 
-    Equal to ``quantize(x, fmt).integer_terms()`` without materialising the BlockTensor: the
-    emulator's hot path for activations. Also returns ``L`` per group and a NaN-element mask
-    (all False when there is no NaN block).
+    The emulator's hot path for activations: ``quantize(x, fmt).dequantize()`` without the
+    BlockTensor, in float32 (exact: 7 significant bits, subnormal only for blocks below 2^-120),
+    with NaN-block elements as 0. Also returns ``L = G - W`` per group (section 4.2) and a
+    NaN-element mask (None when there is no NaN block).
     """
     q = _scale_blocks(x, fmt)
     mantissa = _round_mantissas(q.scaled, fmt)
@@ -195,9 +196,11 @@ def integer_terms(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarr
     if has_nan:
         mantissa[q.nonfinite] = 0
     length = np.shape(x)[-1]
-    terms, floor = _shifted_terms(mantissa, q.exponent, q.anchor, fmt, length)
+    unit = _pow2(q.exponent - (fmt.mantissa_bits - 1))[..., None]
+    values = np.multiply(mantissa, unit, out=mantissa)
+    values = values.reshape(*q.exponent.shape[:-1], -1)[..., :length]
     nan = np.repeat(q.nonfinite, fmt.block_size, axis=-1)[..., :length] if has_nan else None
-    return terms, floor, nan
+    return values, q.anchor - fmt.window, nan
 
 
 def _shifted_terms(

@@ -38,7 +38,8 @@ def channel(n: int) -> np.ndarray:
 
 
 def small_net(fmt: str = "msfp16") -> Program:
-    """Every op kind once: conv+BN+ReLU, pools, depthwise, concat, add, DenseNet-style BN-ReLU."""
+    """Every op kind once: conv+BN+ReLU, pools, depthwise, concat, add, DenseNet-style BN-ReLU;
+    a depthwise and a dense convolution read the same tensor (quantized once, shared)."""
     conv = {"kernel": [3, 3], "strides": [1, 1], "dilation": [1, 1], "padding": [1, 1, 1, 1]}
     ops = [
         Op("conv2d", "conv1", ("image",), "c1",
@@ -51,9 +52,13 @@ def small_net(fmt: str = "msfp16") -> Program:
         Op("conv2d", "dw", ("z1",), "d1",
            {**conv, "padding": [0, 0, 0, 0], "groups": 16, "filters": 16, "activation": "relu6"},
            {"weight": weight(fmt, 16, 9)}),
+        Op("conv2d", "proj", ("z1",), "j1",
+           {**conv, "padding": [0, 0, 0, 0], "groups": 1, "filters": 16, "activation": "linear"},
+           {"weight": weight(fmt, 16, 144), "bias": channel(16)}),
+        Op("add", "join", ("d1", "j1"), "dj"),
         Op("avg_pool", "pool2", ("c1",), "a1",
            {"pool": [2, 2], "strides": [2, 2], "padding": [0, 0, 0, 0]}),
-        Op("concat", "cat", ("d1", "a1"), "cat1"),
+        Op("concat", "cat", ("dj", "a1"), "cat1"),
         Op("scale_shift", "bn", ("cat1",), "b1", {}, {"scale": channel(32), "shift": channel(32)}),
         Op("relu", "relu", ("b1",), "r1"),
         Op("add", "residual", ("r1", "cat1"), "s1", {"activation": "relu"}),
@@ -74,12 +79,11 @@ def run_by_hand(program: Program, image: np.ndarray) -> np.ndarray:
     c1 = conv2d(image, prepare_weights(p("conv1")["weight"], 1), Geometry((3, 3), padding=(1,) * 4))
     c1 = vu.epilogue(c1, p("conv1"), "relu")
     p1 = vu.max_pool(c1, (3, 3), (2, 2), (1, 1, 1, 1))
-    d1 = conv2d(
-        vu.zero_pad(p1, (1, 1, 1, 1)),
-        prepare_weights(p("dw")["weight"], 16),
-        Geometry((3, 3), groups=16),
-    )
-    cat1 = vu.concat([vu.relu6(d1), vu.avg_pool(c1, (2, 2), (2, 2), (0, 0, 0, 0))])
+    z1 = vu.zero_pad(p1, (1, 1, 1, 1))
+    d1 = conv2d(z1, prepare_weights(p("dw")["weight"], 16), Geometry((3, 3), groups=16))
+    j1 = conv2d(z1, prepare_weights(p("proj")["weight"], 1), Geometry((3, 3)))
+    dj = vu.add(vu.relu6(d1), vu.epilogue(j1, p("proj"), "linear"))
+    cat1 = vu.concat([dj, vu.avg_pool(c1, (2, 2), (2, 2), (0, 0, 0, 0))])
     r1 = vu.relu(vu.scale_shift(cat1, p("bn")["scale"], p("bn")["shift"]))
     s3 = vu.relu6(vu.bias(vu.relu(vu.add(r1, cat1)), p("bias")["bias"]))
     return dense(vu.flatten(s3), prepare_weights(p("fc")["weight"], 1))
@@ -189,8 +193,8 @@ def broken(mutate) -> Program:
         (lambda p: p.ops[0].params.update(shift=np.full(16, np.nan, np.float32)), "NaN or Inf"),
         (lambda p: p.ops[0].params.pop("shift"), "needs both 'scale' and 'shift'"),
         (lambda p: p.ops[1].attrs.update(padding=[3, 0, 0, 0]), "smaller than the pool window"),
-        (lambda p: p.ops[5].__setattr__("inputs", ("d1", "c1")), "equal height and width"),
-        (lambda p: p.ops[8].__setattr__("inputs", ("r1", "d1")), "two inputs of equal shape"),
+        (lambda p: p.ops[7].__setattr__("inputs", ("dj", "c1")), "equal height and width"),
+        (lambda p: p.ops[10].__setattr__("inputs", ("r1", "dj")), "two inputs of equal shape"),
         (lambda p: p.ops[0].attrs.update(kernel=[11, 11], padding=[0, 0, 0, 0]),
          "does not fit"),
         (lambda p: p.ops[0].attrs.pop("strides"), "'strides'"),

@@ -115,6 +115,20 @@ def test_overflow_gives_infinity_and_underflow_flushes():
     assert tiny.view(np.uint32)[0] == 0  # +0.0: below FLT_MIN, flushed
 
 
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("exponent", [-131, -128, -118, 60, 125])
+def test_extreme_activation_magnitudes_stay_exact(name, exponent):
+    """The emulator carries activations as their quantized values: float32 subnormals for the
+    tiniest blocks, up to just below 2^128 for the largest. Weights scaled the other way keep
+    the sums normal, so the test sees those values rather than a flushed zero."""
+    rng = np.random.default_rng(exponent + 200)
+    x = (rng.standard_normal((2, 5, 5, 24)) * 2.0**exponent).astype(np.float32)
+    scale = 2.0 ** (np.clip(-exponent - 10, -120, 120) + rng.integers(-4, 2, (8, 1)))
+    w = (rng.standard_normal((8, 3 * 3 * 24)) * scale).astype(np.float32)
+    out = run_both(x, w, Geometry(kernel=(3, 3), padding=(1, 1, 1, 1)), name)
+    assert np.count_nonzero(out) > 0 and np.isfinite(out).all()
+
+
 def test_nan_inputs_poison_only_their_outputs():
     x = np.ones((2, 4, 4, 3), np.float32)
     x[0, 0, 0, 1] = np.nan

@@ -13,7 +13,7 @@ from ..formats import FORMATS
 from ..program import MATRIX_OPS, Geometry, Op, Program, Shape
 from . import vector_unit as vu
 from .heap import retain_freed_memory
-from .matrix_unit import conv2d, dense, prepare_weights
+from .matrix_unit import MatrixInput, conv2d, dense, matrix_input, prepare_weights
 
 Kernel = Callable[[Op, list[np.ndarray], Any], np.ndarray]
 
@@ -96,14 +96,32 @@ class EmulatorDevice(Device):
             else None
             for op in program.ops
         ]
-        return weights, program.releases()
+        return weights, program.releases(), _shared_conv_inputs(program, weights)
 
     def _run(self, loaded: LoadedProgram, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        weights, releases = loaded.state
-        tensors = dict(inputs)
+        weights, releases, shared = loaded.state
+        tensors: dict[str, np.ndarray] = dict(inputs)
+        quantized: dict[str, MatrixInput] = {}
         for index, op in enumerate(loaded.program.ops):
-            args = [tensors[name] for name in op.inputs]
+            args: list[Any] = [tensors[name] for name in op.inputs]
+            if op.inputs[0] in shared and op.kind == "conv2d":
+                name = op.inputs[0]
+                if name not in quantized:
+                    quantized[name] = matrix_input(args[0], weights[index].format)
+                args[0] = quantized[name]
             tensors[op.output] = _KERNELS[op.kind](op, args, weights[index])
             for name in releases[index]:
                 del tensors[name]
+                quantized.pop(name, None)
         return {name: tensors[name] for name in loaded.program.outputs}
+
+
+def _shared_conv_inputs(program: Program, weights: list[Any]) -> frozenset[str]:
+    """Tensors that several convolutions read in one format: quantized once per run."""
+    formats: dict[str, list[str]] = {}
+    for op, prepared in zip(program.ops, weights, strict=True):
+        if op.kind == "conv2d":
+            formats.setdefault(op.inputs[0], []).append(prepared.format.name)
+    return frozenset(
+        name for name, used in formats.items() if len(used) > 1 and len(set(used)) == 1
+    )

@@ -1,9 +1,10 @@
 """Matrix unit of the emulator (docs/datapath.md, section 4).
 
-Quantized formats: activations and weights become the integer terms of section 4.2 (exact in
-float32), and one float64 GEMM sums them. Every partial sum is an integer below 2^53, so the GEMM
-is exact whatever order or FMA use BLAS picks; one float64 -> float32 conversion then gives the
-single RNE rounding the spec asks for.
+Quantized formats: activations and weights enter one float64 GEMM as their exact quantized
+values. Section 4.2 bounds every partial sum of an output to an integer multiple of
+``2^(La + Lw - 2(M-1))`` below 2^53 such units, so float64 holds each one exactly and the GEMM
+is exact whatever order or FMA use BLAS picks; casting the sums to float32 is then the single RNE
+rounding the spec asks for, with no scaling pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..formats import FORMATS, BlockFormat, NumberFormat
-from ..numerics import BlockTensor, canonicalize, flush_to_zero, integer_terms
+from ..numerics import BlockTensor, canonicalize, flush_to_zero, quantized_values
 from ..program import Geometry
 
 _FP32 = FORMATS["fp32"]
@@ -22,9 +23,10 @@ _FP32 = FORMATS["fp32"]
 
 @dataclass(frozen=True)
 class PreparedWeights:
-    """Weights laid out for the GEMM once per loaded program: (groups, R, F/groups)."""
+    """Weights laid out for the GEMM once per loaded program: (groups, R, F/groups) exact
+    values (float64 for block formats; NaN-block weights are 0) and ``Lw`` per filter."""
 
-    terms: np.ndarray
+    values: np.ndarray
     floor: np.ndarray | None
     format: NumberFormat
 
@@ -32,11 +34,12 @@ class PreparedWeights:
 def prepare_weights(weight: BlockTensor | np.ndarray, groups: int) -> PreparedWeights:
     if isinstance(weight, BlockTensor):
         (terms, floor), fmt = weight.integer_terms(), weight.format
-        terms = terms.astype(np.float64)
+        unit = np.ldexp(1.0, floor - (fmt.mantissa_bits - 1))  # m * 2^(X - L) -> m * 2^(X - (M-1))
+        values = terms.astype(np.float64) * unit[:, None]
     else:
-        terms, floor, fmt = canonicalize(weight), None, _FP32
-    filters, reduction = terms.shape
-    grouped = terms.reshape(groups, filters // groups, reduction).transpose(0, 2, 1)
+        values, floor, fmt = canonicalize(weight), None, _FP32
+    filters, reduction = values.shape
+    grouped = values.reshape(groups, filters // groups, reduction).transpose(0, 2, 1)
     return PreparedWeights(np.ascontiguousarray(grouped), floor, fmt)
 
 
@@ -90,11 +93,11 @@ def _depthwise(x: np.ndarray, weights: PreparedWeights, geometry: Geometry, out_
     """Groups with one input channel each: a multiply-add per kernel position, exact in float64."""
     patches = _patches(x, geometry, out_hw)
     kh, kw = geometry.kernel
-    per_group = weights.terms.shape[2]
-    acc = np.zeros((*patches.shape[:3], x.shape[3], per_group), dtype=weights.terms.dtype)
+    per_group = weights.values.shape[2]
+    acc = np.zeros((*patches.shape[:3], x.shape[3], per_group), dtype=weights.values.dtype)
     for i in range(kh):
         for j in range(kw):
-            tap = weights.terms[:, i * kw + j, :]
+            tap = weights.values[:, i * kw + j, :]
             acc += patches[:, :, :, i, j, :, None] * tap
     return acc.reshape(*acc.shape[:3], -1)
 
@@ -110,43 +113,64 @@ def _nan_outputs(nan: np.ndarray, geometry: Geometry, out_hw, filters: int) -> n
 def _round_to_float32(
     acc: np.ndarray, act_floor: np.ndarray, weight_floor: np.ndarray, mantissa_bits: int
 ) -> np.ndarray:
-    """Section 4.1's one rounding of ``acc * 2^(La + Lw - 2(M-1))``, then FTZ.
+    """Section 4.1's one rounding of the exact sums, then FTZ.
 
-    The scaling is exact in float64 (|exponent| < 300) and fused with the cast into one pass.
-    A nonzero integer sum is at least 2^exponent, so when no exponent reaches below -126 no
-    result can be subnormal, and FTZ reduces to turning -0.0 into +0.0 (adding +0.0 does that).
+    A nonzero sum is at least its unit ``2^(La + Lw - 2(M-1))``, so when no unit reaches below
+    2^-126 no result can be subnormal, and FTZ reduces to turning -0.0 into +0.0 (adding +0.0
+    does that).
     """
-    exponent = act_floor[:, None] + weight_floor[None, :] - 2 * (mantissa_bits - 1)
-    scale = np.ldexp(1.0, exponent)[:, None, None, :]
-    out = np.empty(acc.shape, dtype=np.float32)
     with np.errstate(over="ignore"):  # +-Inf is the defined result of overflow (section 4.1)
-        np.multiply(acc, scale, out=out, casting="same_kind")
-    if exponent.min() >= -126:
+        out = acc.astype(np.float32)
+    unit = act_floor.min() + weight_floor.min() - 2 * (mantissa_bits - 1)
+    if unit >= -126:
         return np.add(out, np.float32(0.0), out=out)
     return flush_to_zero(out)
 
 
-def conv2d(x: np.ndarray, weights: PreparedWeights, geometry: Geometry) -> np.ndarray:
-    """Matrix-unit convolution of canonical NHWC float32 input: section 4 exactly."""
-    n, height, width, _ = x.shape
-    out_hw = geometry.output_size(height, width)
-    fmt = weights.format
-    if isinstance(fmt, BlockFormat):
-        values, act_floor, nan = integer_terms(x, fmt)
-        dtype = np.float64
-    else:
-        act_floor, dtype = None, np.float32
-        nan_mask = np.isnan(x)
-        nan = nan_mask if nan_mask.any() else None
-        values = x if nan is None else np.where(nan_mask, np.float32(0.0), x)
+@dataclass(frozen=True)
+class MatrixInput:
+    """Activations as the matrix unit reads them: exact quantized values and ``L`` per sample
+    (section 4.2) for a block format, else the float32 values; NaN elements zeroed and marked.
 
-    groups, _, per_group = weights.terms.shape
+    Quantization depends only on the tensor and the format, so convolutions that read the same
+    tensor in the same format (a residual block's first convolution and its projection) can
+    share one.
+    """
+
+    values: np.ndarray
+    floor: np.ndarray | None
+    nan: np.ndarray | None
+    format: NumberFormat
+
+
+def matrix_input(x: np.ndarray, fmt: NumberFormat) -> MatrixInput:
+    if isinstance(fmt, BlockFormat):
+        return MatrixInput(*quantized_values(x, fmt), fmt)
+    nan_mask = np.isnan(x)
+    if not nan_mask.any():
+        return MatrixInput(x, None, None, fmt)
+    return MatrixInput(np.where(nan_mask, np.float32(0.0), x), None, nan_mask, fmt)
+
+
+def conv2d(x: np.ndarray | MatrixInput, weights: PreparedWeights, geometry: Geometry) -> np.ndarray:
+    """Matrix-unit convolution of canonical NHWC float32 input: section 4 exactly."""
+    fmt = weights.format
+    if not isinstance(x, MatrixInput):
+        x = matrix_input(x, fmt)
+    elif x.format != fmt:
+        raise ValueError(f"activations quantized to {x.format.name}, weights are {fmt.name}")
+    values, act_floor, nan = x.values, x.floor, x.nan
+    dtype = np.float32 if act_floor is None else np.float64
+    n, height, width, _ = values.shape
+    out_hw = geometry.output_size(height, width)
+
+    groups, _, per_group = weights.values.shape
     filters = groups * per_group
-    if groups > 1 and x.shape[3] == groups:
+    if groups > 1 and values.shape[3] == groups:
         acc = _depthwise(values.astype(dtype), weights, geometry, out_hw)
     else:
         columns = _columns(values, geometry, out_hw, dtype)
-        acc = np.matmul(columns, weights.terms)  # (groups, rows, F/groups)
+        acc = np.matmul(columns, weights.values)  # (groups, rows, F/groups)
         acc = acc.transpose(1, 0, 2).reshape(n, *out_hw, filters)
 
     if act_floor is None:  # fp32: BLAS sums may hold NaN (Inf - Inf), so full canonicalization
