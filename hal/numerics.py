@@ -16,6 +16,7 @@ FLT_MIN = np.float32(2.0**-126)
 CANONICAL_NAN = np.uint32(0x7FC00000).view(np.float32)
 _ABS_MASK = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
+_FRACTION_MASK = np.uint32(0x007FFFFF)
 
 
 def canonicalize(x: np.ndarray) -> np.ndarray:
@@ -132,16 +133,17 @@ def _block_max_bits(bits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Scaled:
-    """Section 3.1-3.3 up to rounding: blocks scaled by 2^k, their exponents and NaN flags."""
+class _Blocks:
+    """Sections 3.1-3.2: the blocks of a tensor, their shared exponents and NaN flags."""
 
-    scaled: np.ndarray  # (..., blocks, B) float32: x * 2^((M-1) - X), signed, exact
+    blocks: np.ndarray  # (..., blocks, B) float32 view of the source, zero-padded
+    max_bits: np.ndarray  # (..., blocks) uint32 bit pattern of the largest |x|
     exponent: np.ndarray  # (..., blocks) int32 shared exponent X
     anchor: np.ndarray  # (groups,) int32 G
     nonfinite: np.ndarray  # (..., blocks) bool: NaN blocks
 
 
-def _scale_blocks(x: np.ndarray, fmt: BlockFormat) -> _Scaled:
+def _block_exponents(x: np.ndarray, fmt: BlockFormat) -> _Blocks:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim < 2:
         raise ValueError("quantize needs a leading group axis and a block axis")
@@ -153,15 +155,20 @@ def _scale_blocks(x: np.ndarray, fmt: BlockFormat) -> _Scaled:
     raw[nonfinite] = -EXP_BIAS
     anchor = raw.reshape(raw.shape[0], -1).max(axis=1)
     exponent = np.maximum(raw, (anchor - fmt.window).reshape((-1,) + (1,) * (raw.ndim - 1)))
-    # Section 3.3: x * 2^k is exact; k may reach 133, beyond float32's 2^127, so scale twice.
-    k = (fmt.mantissa_bits - 1) - exponent
+    return _Blocks(blocks, max_bits, exponent, anchor, nonfinite)
+
+
+def _scaled_blocks(b: _Blocks, fmt: BlockFormat) -> np.ndarray:
+    """Section 3.3 up to rounding: ``x * 2^k``, signed and exact. k may reach 133, beyond
+    float32's 2^127, so scale twice."""
+    k = (fmt.mantissa_bits - 1) - b.exponent
     first = np.minimum(k, 64)
     with np.errstate(over="ignore", invalid="ignore"):  # NaN blocks, zeroed by the callers
-        scaled = blocks * _pow2(first)[..., None]
+        scaled = b.blocks * _pow2(first)[..., None]
         rest = k - first
         if np.any(rest):
             scaled *= _pow2(rest)[..., None]
-    return _Scaled(scaled, exponent, anchor, nonfinite)
+    return scaled
 
 
 def _round_mantissas(scaled: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -173,10 +180,10 @@ def _round_mantissas(scaled: np.ndarray, fmt: BlockFormat) -> np.ndarray:
 
 def quantize(x: np.ndarray, fmt: BlockFormat) -> BlockTensor:
     """Quantize along the last axis into ``fmt`` blocks, windows per index of axis 0 (section 3)."""
-    q = _scale_blocks(x, fmt)
-    mantissa = _round_mantissas(q.scaled, fmt)
-    mantissa[q.nonfinite] = 0
-    codes = np.where(q.nonfinite, NAN_CODE, q.exponent + EXP_BIAS).astype(np.uint8)
+    b = _block_exponents(x, fmt)
+    mantissa = _round_mantissas(_scaled_blocks(b, fmt), fmt)
+    mantissa[b.nonfinite] = 0
+    codes = np.where(b.nonfinite, NAN_CODE, b.exponent + EXP_BIAS).astype(np.uint8)
     length = np.shape(x)[-1]
     mantissas = mantissa.astype(np.int8).reshape(*np.shape(x)[:-1], -1)[..., :length]
     return BlockTensor(np.ascontiguousarray(mantissas), codes, fmt)
@@ -186,21 +193,45 @@ def quantized_values(x: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.nd
     """Quantize and return every element's exact value ``m * 2^(X - (M-1))`` in one sweep.
 
     The emulator's hot path for activations: ``quantize(x, fmt).dequantize()`` without the
-    BlockTensor, in float32 (exact: 7 significant bits, subnormal only for blocks below 2^-120),
+    BlockTensor, in float32 (exact: M significant bits, subnormal only for blocks below 2^-120),
     with NaN-block elements as 0. Also returns ``L = G - W`` per group (section 4.2) and a
     NaN-element mask (None when there is no NaN block).
     """
-    q = _scale_blocks(x, fmt)
-    mantissa = _round_mantissas(q.scaled, fmt)
-    has_nan = bool(q.nonfinite.any())
+    b = _block_exponents(x, fmt)
+    unit = b.exponent - (fmt.mantissa_bits - 1)  # the exponent of one mantissa step
+    if unit.max() <= 127 - 24:
+        values = _round_to_grid(b, unit, fmt)
+    else:  # the rounding constant would overflow: scale, round and scale back
+        mantissa = _round_mantissas(_scaled_blocks(b, fmt), fmt)
+        values = np.multiply(mantissa, _pow2(unit)[..., None], out=mantissa)
+    has_nan = bool(b.nonfinite.any())
     if has_nan:
-        mantissa[q.nonfinite] = 0
+        values[b.nonfinite] = 0
     length = np.shape(x)[-1]
-    unit = _pow2(q.exponent - (fmt.mantissa_bits - 1))[..., None]
-    values = np.multiply(mantissa, unit, out=mantissa)
-    values = values.reshape(*q.exponent.shape[:-1], -1)[..., :length]
-    nan = np.repeat(q.nonfinite, fmt.block_size, axis=-1)[..., :length] if has_nan else None
-    return values, q.anchor - fmt.window, nan
+    values = values.reshape(*b.exponent.shape[:-1], -1)[..., :length]
+    nan = np.repeat(b.nonfinite, fmt.block_size, axis=-1)[..., :length] if has_nan else None
+    return values, b.anchor - fmt.window, nan
+
+
+def _round_to_grid(b: _Blocks, unit: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Section 3.3 in two float32 additions: ``(x + C) - C`` with ``C = 1.5 * 2^(unit + 23)``
+    rounds x to a multiple of ``2^unit`` with RNE (|x| < 2^(unit + M) is far below C's spacing
+    limit), and the subtraction is exact. No scaling, no rint pass; saturation, which only a
+    block whose largest element rounds up to ``2^M`` units needs, is fixed for those blocks."""
+    magic = np.repeat(1.5 * _pow2(unit + 23), b.blocks.shape[-1], axis=-1)  # float32, normal
+    magic = magic.reshape(b.blocks.shape)  # repeated once: two contiguous passes beat broadcasts
+    values = np.add(b.blocks, magic)
+    values -= magic
+    # A block saturates when amax >= (2^M - 1/2) units: its own exponent (not raised by the
+    # window) and the fraction of amax at least 1 - 2^-M (normal and subnormal alike).
+    own = (b.max_bits >> np.uint32(23)).astype(np.int32) - EXP_BIAS == b.exponent
+    top = (b.max_bits & _FRACTION_MASK) >= (1 << 23) - (1 << (23 - fmt.mantissa_bits))
+    saturated = np.flatnonzero(own & top & ~b.nonfinite)
+    if saturated.size:
+        flat = values.reshape(-1, values.shape[-1])
+        limit = (fmt.max_mantissa * _pow2(unit.reshape(-1)[saturated]))[:, None]
+        flat[saturated] = np.clip(flat[saturated], -limit, limit)
+    return values
 
 
 def _shifted_terms(

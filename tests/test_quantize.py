@@ -10,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 import reference as ref
 from fpgaserve.hal import BlockTensor, canonicalize, get_format, quantize
+from fpgaserve.hal.numerics import quantized_values
 
 FORMATS = ["msfp16", "msfp12", "mxint8"]
 
@@ -20,6 +21,12 @@ def check(x: np.ndarray, name: str) -> BlockTensor:
     mantissas, codes = ref.quantize(x, fmt.block_size, fmt.mantissa_bits, fmt.window)
     np.testing.assert_array_equal(q.mantissas, mantissas)
     np.testing.assert_array_equal(q.codes, codes)
+    # The emulator's fused path for activations gives the same values, NaN blocks as 0.
+    values, floor, nan = quantized_values(x, fmt)
+    nan_elements = q.nan_elements()
+    np.testing.assert_array_equal(values, np.where(nan_elements, 0, q.dequantize()))
+    np.testing.assert_array_equal(nan_elements, False if nan is None else nan)
+    np.testing.assert_array_equal(floor, q.block_shifts()[1])
     return q
 
 
