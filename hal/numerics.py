@@ -138,6 +138,7 @@ class _Blocks:
 
     blocks: np.ndarray  # (..., blocks, B) float32 view of the source, zero-padded
     max_bits: np.ndarray  # (..., blocks) uint32 bit pattern of the largest |x|
+    raw: np.ndarray  # (..., blocks) int32 Xraw, the block's own exponent (-127 for NaN blocks)
     exponent: np.ndarray  # (..., blocks) int32 shared exponent X
     anchor: np.ndarray  # (groups,) int32 G
     nonfinite: np.ndarray  # (..., blocks) bool: NaN blocks
@@ -155,7 +156,7 @@ def _block_exponents(x: np.ndarray, fmt: BlockFormat) -> _Blocks:
     raw[nonfinite] = -EXP_BIAS
     anchor = raw.reshape(raw.shape[0], -1).max(axis=1)
     exponent = np.maximum(raw, (anchor - fmt.window).reshape((-1,) + (1,) * (raw.ndim - 1)))
-    return _Blocks(blocks, max_bits, exponent, anchor, nonfinite)
+    return _Blocks(blocks, max_bits, raw, exponent, anchor, nonfinite)
 
 
 def _scaled_blocks(b: _Blocks, fmt: BlockFormat) -> np.ndarray:
@@ -224,7 +225,7 @@ def _round_to_grid(b: _Blocks, unit: np.ndarray, fmt: BlockFormat) -> np.ndarray
     values -= magic
     # A block saturates when amax >= (2^M - 1/2) units: its own exponent (not raised by the
     # window) and the fraction of amax at least 1 - 2^-M (normal and subnormal alike).
-    own = (b.max_bits >> np.uint32(23)).astype(np.int32) - EXP_BIAS == b.exponent
+    own = b.raw == b.exponent
     top = (b.max_bits & _FRACTION_MASK) >= (1 << 23) - (1 << (23 - fmt.mantissa_bits))
     saturated = np.flatnonzero(own & top & ~b.nonfinite)
     if saturated.size:
