@@ -137,10 +137,14 @@ class ServedModel:
         return self.state == AVAILABLE and self.device_healthy
 
     def submit(
-        self, inputs: dict[str, Any], outputs: Sequence[str] | None, deadline: float | None
+        self,
+        inputs: dict[str, Any],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+        caller_gone: Callable[[], bool] = lambda: False,
     ) -> Job:
         """Check a request against the signature and admit it; the result comes on the job's
-        future as {output name: array}."""
+        future as {output name: array}. Stages that are idle run on the calling thread."""
         scheduler = self.scheduler
         if scheduler is None or self.state in (UNLOADING, END):
             raise Unavailable(
@@ -170,6 +174,7 @@ class ServedModel:
             last=max(self.signature.stage_of[name] for name in wanted),
             wanted=frozenset(wanted),
             deadline=deadline,
+            caller_gone=caller_gone,
         )
         return scheduler.submit(job)
 

@@ -19,6 +19,9 @@ from test_server_repository import eventually
 
 from fpgaserve.pipeline import Pipeline
 from fpgaserve.server import BatchingConfig, ServerConfig
+from fpgaserve.server.core import SERVER_TIMING
+from fpgaserve.server.errors import Cancelled
+from fpgaserve.server.scheduler import Job, Scheduler, StageSpec
 
 
 def stub_of(ch):
@@ -143,3 +146,99 @@ def test_stop_drains_accepted_requests(archive):
         assert all(f.result().outputs["probabilities"] for f in futures)  # none lost
         stopper.join(30)
         assert not stopper.is_alive()
+
+
+def test_server_timing_trailer_adds_up(archive):
+    with running(ServerConfig(archives=[archive])) as server, channel(server) as ch:
+        _, call = stub_of(ch).Predict.with_call(predict_request([jpeg()]), timeout=60)
+    (timing,) = [value for key, value in call.trailing_metadata() if key == SERVER_TIMING]
+    parts = dict(part.split(";dur=") for part in timing.split(", "))
+    assert set(parts) >= {"queue", "preprocess", "device", "classify", "total"}
+    ms = {name: float(value) for name, value in parts.items()}
+    assert all(value >= 0 for value in ms.values())
+    assert ms["total"] >= ms["preprocess"] + ms["device"] + ms["classify"]
+
+
+# -- the scheduler on its own: which thread runs what ----------------------------------------
+
+
+class Stages:
+    """Three stages adding 1, 10 and 100, recording (stage, batch size, thread) per run; the
+    middle one waits while ``gate`` is closed."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.runs: list[tuple[int, int, int]] = []
+
+    def stage(self, index: int) -> StageSpec:
+        def run(batch):
+            self.runs.append((index, len(batch), threading.get_ident()))
+            if index == 1:
+                assert self.gate.wait(30)
+            return batch + 10**index
+
+        return StageSpec(("preprocess", "device", "classify")[index], f"out{index}", run)
+
+    def scheduler(self, **batching) -> Scheduler:
+        return Scheduler("test", [self.stage(i) for i in range(3)], 1, BatchingConfig(**batching))
+
+
+def job(value: float, **extra) -> Job:
+    return Job(np.array([value]), 1, 0, 2, frozenset({"out2"}), **extra)
+
+
+def test_a_lone_job_runs_every_stage_on_its_callers_thread():
+    stages = Stages()
+    scheduler = stages.scheduler()
+    try:
+        done = scheduler.submit(job(1.0))
+        assert done.future.done()  # no hand-off to a worker thread
+        np.testing.assert_array_equal(done.future.result()["out2"], [112.0])
+        me = threading.get_ident()
+        assert stages.runs == [(0, 1, me), (1, 1, me), (2, 1, me)]
+    finally:
+        scheduler.close(10)
+
+
+def test_a_busy_stage_hands_jobs_to_its_worker_which_batches_them():
+    stages = Stages()
+    scheduler = stages.scheduler(max_batch_size=8)
+    pool = ThreadPoolExecutor(1)
+    try:
+        stages.gate.clear()
+        first = pool.submit(scheduler.submit, job(1.0))  # holds the device stage
+        eventually(lambda: len(stages.runs) == 2, timeout=30)
+        # The device is busy: these two pass the idle preprocess stage on this thread, then
+        # queue for the device instead of blocking their caller.
+        waiting = [scheduler.submit(job(2.0)), scheduler.submit(job(3.0))]
+        assert not any(j.future.done() for j in waiting)
+        stages.gate.set()
+        results = [first.result(30).future.result(30)] + [j.future.result(30) for j in waiting]
+        assert [r["out2"][0] for r in results] == [112.0, 113.0, 114.0]
+        me, caller = threading.get_ident(), stages.runs[0][2]
+        device_runs = [(size, thread) for index, size, thread in stages.runs if index == 1]
+        assert device_runs[0] == (1, caller)
+        ((size, worker),) = device_runs[1:]  # one batch of both, on the stage's own thread
+        assert size == 2 and worker not in (me, caller)
+        assert [thread for index, _, thread in stages.runs if index == 0] == [caller, me, me]
+    finally:
+        stages.gate.set()
+        pool.shutdown()
+        scheduler.close(10)
+
+
+def test_a_job_whose_caller_left_is_dropped_before_its_next_stage():
+    stages = Stages()
+    scheduler = stages.scheduler()
+    try:
+        gone = threading.Event()
+        stages.gate.clear()
+        threading.Timer(0.2, lambda: (gone.set(), stages.gate.set())).start()
+        dropped = scheduler.submit(job(1.0, caller_gone=gone.is_set))
+        with pytest.raises(Cancelled):
+            dropped.future.result(30)
+        assert [index for index, _, _ in stages.runs] == [0, 1]  # classify never ran
+        assert scheduler.in_flight == 0
+    finally:
+        scheduler.close(10)
