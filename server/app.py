@@ -161,9 +161,7 @@ class FpgaServer:
 
     def _configure_model(self, model: ServedModel) -> None:
         model.max_image_pixels = self.config.max_image_pixels
-        model.on_batch = lambda role, size: self.metrics.batch_size.labels(
-            model.name, role
-        ).observe(size)
+        model.on_batch = lambda role, size: self.metrics.observe_batch(model.name, role, size)
 
     def _update_health(self) -> None:
         """Per-model and overall status: SERVING only when ready and not draining."""

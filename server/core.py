@@ -71,6 +71,12 @@ def server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in timings.items())
 
 
+def parse_server_timing(value: str) -> dict[str, float]:
+    """The inverse of ``server_timing``: {name: seconds}."""
+    parts = (part.split(";dur=") for part in value.split(", "))
+    return {name: float(ms) / 1e3 for name, ms in parts}
+
+
 def request_id(context: grpc.ServicerContext) -> str:
     """The caller's ``x-request-id`` if it sent a sane one, else a fresh one."""
     for key, value in context.invocation_metadata() or ():

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 # Attributes every LogRecord has; anything else passed through ``extra=`` is a field of ours.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -26,9 +27,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(fmt: str = "json", level: int = logging.INFO) -> None:
-    """Route the ``fpgaserve`` loggers to stderr as JSON (``fmt="json"``) or plain text."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(fmt: str = "json", level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    """Route the ``fpgaserve`` loggers to ``stream`` (default stderr) as JSON (``fmt="json"``)
+    or plain text."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -7,6 +7,8 @@ total), so p50/p99 are read with ``histogram_quantile`` rather than averaged awa
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # 100 us .. 60 s: the server's own overhead sits at the low end, a ResNet-152 batch on the
@@ -38,6 +40,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._http = None
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "fpgaserve_requests",
             "Requests answered, by model, protocol method and status code",
@@ -77,6 +80,15 @@ class Metrics:
             registry=self.registry,
         )
 
+    def _labelled(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: prometheus-client validates and locks on every
+        ``labels`` call, and a request makes about ten of them."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe_request(
         self,
         model: str,
@@ -85,11 +97,14 @@ class Metrics:
         timings: dict[str, float] | None = None,
         images: int = 0,
     ) -> None:
-        self.requests.labels(model, method, code).inc()
+        self._labelled(self.requests, model, method, code).inc()
         if images:
-            self.images.labels(model).inc(images)
+            self._labelled(self.images, model).inc(images)
         for stage, seconds in (timings or {}).items():
-            self.latency.labels(model, stage).observe(seconds)
+            self._labelled(self.latency, model, stage).observe(seconds)
+
+    def observe_batch(self, model: str, stage: str, images: int) -> None:
+        self._labelled(self.batch_size, model, stage).observe(images)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks a free one)."""

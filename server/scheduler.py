@@ -211,7 +211,8 @@ class Scheduler:
         queue = self._queues[index]
         with queue.ready:
             queue.running = False
-            queue.ready.notify()  # the worker may be waiting for the stage to be free
+            if queue.jobs:  # queued while the stage ran: its worker takes them now
+                queue.ready.notify()
 
     # -- workers ---------------------------------------------------------------------------
 
