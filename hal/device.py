@@ -57,6 +57,10 @@ class LoadedProgram:
 class Device(ABC):
     """One accelerator (or its emulation). Thread-safe: a server runs batches from many threads."""
 
+    # True for a backend that keeps state per calling thread (command queues, memory pools): a
+    # server then runs it from one worker thread per model, never from its request threads.
+    thread_bound = False
+
     def __init__(self, info: DeviceInfo) -> None:
         self.info = info
         self._programs: dict[int, LoadedProgram] = {}

@@ -109,7 +109,9 @@ class ServedModel:
                 StageSpec(role, stage["output"].name, runner)
                 for role, stage, runner in zip(roles, stages, self.pipeline.runners, strict=True)
             ]
-            specs[device_index] = replace(specs[device_index], profile=self._kernel_time)
+            specs[device_index] = replace(
+                specs[device_index], profile=self._kernel_time, inline=not device.thread_bound
+            )
             self.scheduler = Scheduler(
                 f"{self.name!r} version {self.version}",
                 specs,

@@ -59,6 +59,9 @@ class StageSpec:
     output: str
     run: Callable[[Any], np.ndarray]
     batches: bool = True  # False: one request per call (the stage's function is not batch-safe)
+    # False: always run on the stage's worker thread, never on a request's (a device that keeps
+    # state per thread would otherwise build it on every request thread).
+    inline: bool = True
     # Extra timings of the batch just run, read on the same thread (e.g. the device's own
     # kernel time from OpenCL profiling events), recorded for every job in the batch.
     profile: Callable[[], dict[str, float]] = dict
@@ -190,8 +193,9 @@ class Scheduler:
 
     def _claim_or_enqueue(self, index: int, job: Job) -> bool:
         """Mark stage ``index`` running for ``job`` alone (True), or queue the job for the
-        stage's worker (False): when the stage is busy, has jobs waiting, or is the device
-        stage and may wait for requests still upstream to fill a batch."""
+        stage's worker (False): when the stage is busy, has jobs waiting, runs only on its
+        worker, or is the device stage and may wait for requests still upstream to fill a
+        batch."""
         queue = self._queues[index]
         with queue.ready:
             gathering = (
@@ -199,7 +203,7 @@ class Scheduler:
                 and self.config.max_queue_delay_s > 0
                 and self._upstream[index] > self._counted(index, [job])
             )
-            if queue.running or queue.jobs or gathering:
+            if queue.running or queue.jobs or gathering or not self.stages[index].inline:
                 queue.jobs.append(job)
                 queue.ready.notify()
                 return False

@@ -160,6 +160,9 @@ def test_profiling_events_time_the_kernels_and_reach_the_server_metrics(tmp_path
         with channel(server) as ch:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
             assert stub.Predict(predict_request([jpeg()]), timeout=60).outputs
+        scheduler = server.repository.get("tiny").scheduler
+        # Per-thread queues and pools: the device runs on its worker, never a request thread.
+        assert not scheduler.stages[scheduler.device_stage].inline
         samples = {
             sample.labels["stage"]: sample.value
             for metric in server.metrics.registry.collect()

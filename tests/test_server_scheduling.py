@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -180,8 +181,10 @@ class Stages:
 
         return StageSpec(("preprocess", "device", "classify")[index], f"out{index}", run)
 
-    def scheduler(self, **batching) -> Scheduler:
-        return Scheduler("test", [self.stage(i) for i in range(3)], 1, BatchingConfig(**batching))
+    def scheduler(self, device_inline: bool = True, **batching) -> Scheduler:
+        stages = [self.stage(i) for i in range(3)]
+        stages[1] = replace(stages[1], inline=device_inline)
+        return Scheduler("test", stages, 1, BatchingConfig(**batching))
 
 
 def job(value: float, **extra) -> Job:
@@ -225,6 +228,20 @@ def test_a_busy_stage_hands_jobs_to_its_worker_which_batches_them():
     finally:
         stages.gate.set()
         pool.shutdown()
+        scheduler.close(10)
+
+
+def test_a_thread_bound_device_stage_runs_only_on_its_worker():
+    stages = Stages()
+    scheduler = stages.scheduler(device_inline=False)
+    try:
+        done = scheduler.submit(job(1.0))
+        np.testing.assert_array_equal(done.future.result(30)["out2"], [112.0])
+        me = threading.get_ident()
+        (_, _, preprocess), (_, _, device), (_, _, classify) = stages.runs
+        assert preprocess == me and device != me
+        assert classify != me  # the device worker hands on; it never runs a CPU stage
+    finally:
         scheduler.close(10)
 
 

@@ -67,6 +67,8 @@ def board_binary(manifest: Path | None, description: str) -> bytes | None:
 class OpenCLDevice(Device):
     """One OpenCL device; programs in the quantized formats run bit-exact with the emulator."""
 
+    thread_bound = True  # a command queue and a memory pool per thread
+
     def __init__(self, index: int, device: cl.Device, board_manifest: Path | None = None) -> None:
         super().__init__(device_info(index, device))
         self._cl_device = device
