@@ -32,7 +32,7 @@ class TfServingProtocol:
         if model:  # Azure's client names no model; a server of one model answers anyway
             request.model_spec.name = model
         for name, value in inputs.items():
-            request.inputs[name].CopyFrom(to_tensor_proto(value))
+            to_tensor_proto(value, request.inputs[name])
         request.output_filter.extend(outputs or ())
         return request
 

@@ -86,6 +86,9 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+_FLOAT32_LE = np.dtype("<f4")
+
+
 def _is_strings(array: np.ndarray) -> bool:
     return array.dtype == object or array.dtype.kind == "S"
 
@@ -119,21 +122,22 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     return _as_float32(_from_values(name, values, dtype, shape))
 
 
-def to_tensor_proto(array: np.ndarray) -> Any:
-    """Image bytes (object or bytes array) or floats (sent as float32, packed little-endian)."""
-    tensor_pb2, tensor_shape_pb2, types_pb2 = _tf()
+def to_tensor_proto(array: np.ndarray, into: Any = None) -> Any:
+    """Image bytes (object or bytes array) or floats (sent as float32, packed little-endian), as
+    a new TensorProto or written into ``into``, one held by a message (``response.outputs[k]``):
+    no copy of the tensor from one message into another."""
+    tensor_pb2, _, types_pb2 = _tf()
+    proto = tensor_pb2.TensorProto() if into is None else into
     array = np.asarray(array)
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape]
-    )
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
     if _is_strings(array):
-        return tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING, tensor_shape=shape, string_val=list(array.ravel())
-        )
-    array = np.ascontiguousarray(array, np.dtype(np.float32).newbyteorder("<"))
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes()
-    )
+        proto.dtype = types_pb2.DT_STRING
+        proto.string_val.extend(array.ravel())
+    else:
+        proto.dtype = types_pb2.DT_FLOAT
+        proto.tensor_content = np.ascontiguousarray(array, _FLOAT32_LE).tobytes()
+    return proto
 
 
 def tf_dtype(dtype: str) -> int:
@@ -190,5 +194,4 @@ def to_v2(array: np.ndarray) -> tuple[str, list[int], bytes]:
     if _is_strings(array):
         raw = b"".join(struct.pack("<I", len(item)) + bytes(item) for item in array.ravel())
         return "BYTES", list(array.shape), raw
-    array = np.ascontiguousarray(array, np.dtype(np.float32).newbyteorder("<"))
-    return "FP32", list(array.shape), array.tobytes()
+    return "FP32", list(array.shape), np.ascontiguousarray(array, _FLOAT32_LE).tobytes()

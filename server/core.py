@@ -7,6 +7,7 @@ request goes through (routing, admission, cancellation, status codes) happens he
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -157,33 +158,49 @@ class ServingCore:
             if record["timings"]:
                 trailers.append((SERVER_TIMING, server_timing(record["timings"])))
             context.set_trailing_metadata(trailers)
-            ok = code == grpc.StatusCode.OK
-            # Only served names become label values: clients cannot grow the metric set.
-            label = record["model"] if self.repository.serves(record["model"]) else "unknown"
-            self.metrics.observe_request(
-                label,
-                method,
-                code.name,
-                record["timings"] if ok else None,
-                record["images"] if ok else 0,
-            )
-            access_log.info(
-                "%s %s %s",
-                method,
-                record["model"],
-                code.name,
-                extra={
-                    "request_id": rid,
-                    "method": method,
-                    "model": record["model"],
-                    "version": record["version"],
-                    "code": code.name,
-                    "images": record["images"],
-                    "ms": round((time.perf_counter() - started) * 1e3, 3),
-                },
-            )
+            # Metrics and the access line cost ~0.2 ms of Python, cold after a request's
+            # stages: gRPC runs them once the answer is on its way, off the caller's latency.
+            account = functools.partial(self._account, rid, method, record, code, started)
+            if not context.add_callback(account):  # the call has already ended
+                account()
         context.abort(code, _bounded(message))
         raise AssertionError("unreachable: context.abort raises")
+
+    def _account(
+        self,
+        rid: str,
+        method: str,
+        record: dict[str, Any],
+        code: grpc.StatusCode,
+        started: float,
+    ) -> None:
+        """Count an answered call in the metrics and write its access log line; ``ms`` runs
+        until the answer was sent."""
+        ok = code == grpc.StatusCode.OK
+        # Only served names become label values: clients cannot grow the metric set.
+        label = record["model"] if self.repository.serves(record["model"]) else "unknown"
+        self.metrics.observe_request(
+            label,
+            method,
+            code.name,
+            record["timings"] if ok else None,
+            record["images"] if ok else 0,
+        )
+        access_log.info(
+            "%s %s %s",
+            method,
+            record["model"],
+            code.name,
+            extra={
+                "request_id": rid,
+                "method": method,
+                "model": record["model"],
+                "version": record["version"],
+                "code": code.name,
+                "images": record["images"],
+                "ms": round((time.perf_counter() - started) * 1e3, 3),
+            },
+        )
 
     def infer(
         self,

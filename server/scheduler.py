@@ -285,9 +285,7 @@ class Scheduler:
     def _still_wanted(self, job: Job, index: int, now: float) -> bool:
         if index == job.start:
             job.timings["queue"] = now - job.submitted
-        if job.cancelled:
-            self._finish(job, index, Cancelled("the client cancelled the request"))
-            return False
+        # The deadline first: a call past it has ended too, but not because its client left.
         if job.deadline is not None and time.monotonic() > job.deadline:
             self._finish(
                 job,
@@ -297,6 +295,9 @@ class Scheduler:
                     f"{self.stages[index].role} stage; allow more time or reduce load"
                 ),
             )
+            return False
+        if job.cancelled:
+            self._finish(job, index, Cancelled("the client cancelled the request"))
             return False
         return True
 

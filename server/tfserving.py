@@ -55,9 +55,9 @@ def _signatures(model: ServedModel) -> dict[str, Any]:
 
 
 def _check_signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> None:
-    signatures = _signatures(model)
     if not name:
         return
+    signatures = _signatures(model)
     if name not in signatures:
         raise FailedPrecondition(
             f"serving signature {name!r} not found; model {model.name!r} has {sorted(signatures)}"
@@ -80,8 +80,12 @@ def _tensor_info(spec) -> meta_graph_pb2.TensorInfo:
     )
 
 
-def _reply_spec(model: ServedModel, signature: str) -> model_pb2.ModelSpec:
-    spec = model_pb2.ModelSpec(name=model.name, signature_name=signature or DEFAULT_SIGNATURE)
+def _reply_spec(
+    model: ServedModel, signature: str, into: model_pb2.ModelSpec | None = None
+) -> model_pb2.ModelSpec:
+    """The version that answered; written into ``into`` (a response's field) when given."""
+    spec = model_pb2.ModelSpec() if into is None else into
+    spec.name, spec.signature_name = model.name, signature or DEFAULT_SIGNATURE
     spec.version.value = model.version
     return spec
 
@@ -98,10 +102,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             outputs = self.core.infer(
                 context, record, model, inputs, list(request.output_filter) or None
             )
-            return predict_pb2.PredictResponse(
-                model_spec=_reply_spec(model, request.model_spec.signature_name),
-                outputs={name: to_tensor_proto(value) for name, value in outputs.items()},
-            )
+            response = predict_pb2.PredictResponse()
+            _reply_spec(model, request.model_spec.signature_name, response.model_spec)
+            for name, value in outputs.items():
+                to_tensor_proto(value, response.outputs[name])
+            return response
 
         return self.core.call(context, "Predict", request.model_spec.name, handle)
 

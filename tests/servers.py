@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +162,20 @@ def requests_counted(server: FpgaServer, method: str, code: str, model: str = "t
     labels = {"model": model, "method": method, "code": code}
     value = server.metrics.registry.get_sample_value("fpgaserve_requests_total", labels)
     return value or 0.0
+
+
+def eventually(check, timeout: float = 60.0):
+    """Poll ``check`` until it returns a truthy value, and return that value: for what the server
+    does in the background (the repository rescans; each call is counted in the metrics and the
+    access log once its answer has been sent)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout} s: {check}")
+        time.sleep(0.1)

@@ -26,7 +26,7 @@ import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import GatedDevice, channel, jpeg, png, running, status_of
+from servers import GatedDevice, channel, eventually, jpeg, png, running, status_of
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -38,7 +38,6 @@ from tensorflow_serving.apis import (
 )
 from test_server import predict_request
 from test_server_cli import FPGASERVE, free_port
-from test_server_repository import eventually
 
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
@@ -436,7 +435,9 @@ def test_request_ids_are_echoed_only_when_sane(plain_server, caplog, sent, echoe
     (request_id,) = [v for k, v in call.trailing_metadata() if k == "x-request-id"]
     assert (request_id == sent) == echoed
     assert request_id.isprintable() and 0 < len(request_id) <= 128
-    access = [r for r in caplog.records if getattr(r, "method", None) == "Predict"]
+    access = eventually(
+        lambda: [r for r in caplog.records if getattr(r, "method", None) == "Predict"]
+    )
     assert [r.request_id for r in access] == [request_id]
 
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from servers import CLASSES, channel, jpeg, running, tiny_archive
+from servers import CLASSES, channel, eventually, jpeg, running, tiny_archive
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -263,6 +263,13 @@ def test_bad_v2_requests(v2_stub, case):
 # -- health, reflection, metrics ---------------------------------------------------------------
 
 
+def _scrape(server, *lines: str) -> str:
+    """The server's /metrics page, or "" while it does not hold all of ``lines`` yet."""
+    url = f"http://localhost:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url).read().decode()
+    return text if all(line in text for line in lines) else ""
+
+
 def test_health_reflection_and_metrics(server, stub):
     with channel(server) as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -283,11 +290,19 @@ def test_health_reflection_and_metrics(server, stub):
         assert "ModelInfer" in method
 
     stub.Predict(predict_request([jpeg()]), timeout=30)
-    text = urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics").read().decode()
+    unknown = predict_request([jpeg()])
+    unknown.model_spec.name = "no-such-model"
+    assert error_of(stub.Predict, unknown).code() == grpc.StatusCode.NOT_FOUND
+    # A call is counted once its answer has been sent: the scrape may have to wait for it.
+    text = eventually(
+        lambda: _scrape(
+            server,
+            'fpgaserve_requests_total{code="OK",method="Predict",model="tiny"}',
+            'fpgaserve_requests_total{code="NOT_FOUND",method="Predict",model="unknown"}',
+        )
+    )
     for stage in ("queue", "preprocess", "device", "classify", "total"):
         assert f'fpgaserve_stage_seconds_bucket{{le="0.1",model="tiny",stage="{stage}"}}' in text
-    assert 'fpgaserve_requests_total{code="OK",method="Predict",model="tiny"}' in text
-    assert 'fpgaserve_requests_total{code="NOT_FOUND",method="Predict",model="unknown"}' in text
 
 
 def test_message_size_limit(archive):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import GatedDevice, channel, jpeg, running, tiny_archive
+from servers import GatedDevice, channel, eventually, jpeg, running, tiny_archive
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -45,21 +44,6 @@ def statuses(ch, name="tiny") -> dict[int, tuple[int, str]]:
     request.model_spec.name = name
     reply = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(request, timeout=10)
     return {s.version: (s.state, s.status.error_message) for s in reply.model_version_status}
-
-
-def eventually(check, timeout: float = 60.0):
-    """Poll ``check`` until it returns a truthy value (the repository rescans in the background)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not met within {timeout} s: {check}")
-        time.sleep(0.1)
 
 
 def served_version(ch, **spec) -> int:

@@ -3,6 +3,7 @@ emulator holds the device so that queues can be filled deterministically."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,10 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import GatedDevice, channel, jpeg, running
+from servers import GatedDevice, channel, eventually, jpeg, requests_counted, running
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from test_server import predict_request
-from test_server_repository import eventually
 
 from fpgaserve.pipeline import Pipeline
 from fpgaserve.server import BatchingConfig, ServerConfig
@@ -84,7 +84,10 @@ def test_overload_is_refused_at_once_and_bounded(archive):
         eventually(lambda: model.scheduler.in_flight == 0)
 
 
-def test_deadlines_and_cancellation_free_their_place(archive):
+def test_deadlines_and_cancellation_free_their_place_and_are_counted_once(archive, caplog):
+    """Each call is counted (metrics, access log) after its answer is sent, by gRPC's
+    end-of-call callback; one whose client left first is counted when the server gives up."""
+    caplog.set_level(logging.INFO, logger="fpgaserve.access")
     device = GatedDevice()
     with running(ServerConfig(archives=[archive]), device) as server, channel(server) as ch:
         model = server.repository.get("tiny")
@@ -99,6 +102,12 @@ def test_deadlines_and_cancellation_free_their_place(archive):
         device.gate.set()
         eventually(lambda: model.scheduler.in_flight == 0)
         assert stub_of(ch).Predict(predict_request([jpeg()]), timeout=60).outputs
+        codes = ["DEADLINE_EXCEEDED", "CANCELLED", "OK"]
+        eventually(lambda: all(requests_counted(server, "Predict", code) for code in codes))
+        assert [requests_counted(server, "Predict", code) for code in codes] == [1, 1, 1]
+    access = [r for r in caplog.records if getattr(r, "method", None) == "Predict"]
+    assert sorted(r.code for r in access) == sorted(codes)
+    assert len({r.request_id for r in access}) == 3
 
 
 def test_a_lone_request_never_waits_for_a_batch(archive):
