@@ -124,10 +124,11 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
 
 def to_tensor_proto(array: np.ndarray, into: Any = None) -> Any:
     """Image bytes (object or bytes array) or floats (sent as float32, packed little-endian), as
-    a new TensorProto or written into ``into``, one held by a message (``response.outputs[k]``):
-    no copy of the tensor from one message into another."""
+    a new TensorProto or in place of ``into``'s contents, one held by a message
+    (``response.outputs[k]``): no copy of the tensor from one message into another."""
     tensor_pb2, _, types_pb2 = _tf()
     proto = tensor_pb2.TensorProto() if into is None else into
+    proto.Clear()
     array = np.asarray(array)
     for size in array.shape:
         proto.tensor_shape.dim.add(size=size)

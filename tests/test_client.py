@@ -12,7 +12,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from servers import GatedDevice, jpeg, make_pki, running
+from servers import GatedDevice, eventually, jpeg, make_pki, requests_counted, running
 
 from conftest import MOBILENET_WEIGHTS
 from fpgaserve.cli import main as cli_main
@@ -139,15 +139,10 @@ def test_retries_unavailable_but_never_invalid_argument(archive):
                 client.score_image(b"not an image")
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert isinstance(info.value, grpc.RpcError)  # Azure-era code catching RpcError works
-        counts = {
-            (s.labels["code"], s.labels["method"]): s.value
-            for metric in server.metrics.registry.collect()
-            if metric.name == "fpgaserve_requests"
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-        assert counts[("INVALID_ARGUMENT", "ModelInfer")] == 1  # sent once, not retried
-        assert counts[("UNAVAILABLE", "ModelInfer")] >= 1
+        # A call is counted once its answer has been sent: wait for the last one.
+        eventually(lambda: requests_counted(server, "ModelInfer", "INVALID_ARGUMENT"))
+        assert requests_counted(server, "ModelInfer", "INVALID_ARGUMENT") == 1  # not retried
+        assert requests_counted(server, "ModelInfer", "UNAVAILABLE") >= 1
 
 
 def test_unreachable_server_is_one_clear_line(capsys, tmp_path):

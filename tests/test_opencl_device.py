@@ -138,7 +138,7 @@ def test_concurrent_runs_use_their_own_queues_and_agree():
 
 
 def test_profiling_events_time_the_kernels_and_reach_the_server_metrics(tmp_path):
-    from servers import channel, jpeg, running, tiny_archive
+    from servers import channel, eventually, jpeg, running, tiny_archive
     from tensorflow_serving.apis import prediction_service_pb2_grpc
     from test_server import predict_request
 
@@ -163,11 +163,17 @@ def test_profiling_events_time_the_kernels_and_reach_the_server_metrics(tmp_path
         scheduler = server.repository.get("tiny").scheduler
         # Per-thread queues and pools: the device runs on its worker, never a request thread.
         assert not scheduler.stages[scheduler.device_stage].inline
-        samples = {
-            sample.labels["stage"]: sample.value
-            for metric in server.metrics.registry.collect()
-            if metric.name == "fpgaserve_stage_seconds"
-            for sample in metric.samples
-            if sample.name.endswith("_sum")
-        }
+
+        def stage_sums() -> dict[str, float] | None:
+            """Seconds per stage, once the call is counted (after its answer was sent)."""
+            sums = {
+                sample.labels["stage"]: sample.value
+                for metric in server.metrics.registry.collect()
+                if metric.name == "fpgaserve_stage_seconds"
+                for sample in metric.samples
+                if sample.name.endswith("_sum")
+            }
+            return sums if "device_kernels" in sums else None
+
+        samples = eventually(stage_sums)
     assert 0 < samples["device_kernels"] <= samples["device"]
