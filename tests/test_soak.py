@@ -296,26 +296,23 @@ def test_soak_at_and_beyond_saturation(archives, expected):
         for title, clients, traffic, seconds in phases:
             if title == "at saturation":
                 rss_before = rss_bytes()
-                counted_before = _counts(server)
             with Load(server, clients, traffic, table) as load:
                 time.sleep(seconds)
             results[title] = load.outcomes
             report(title, load.outcomes, seconds)
         rss_growth = rss_bytes() - rss_before
+        # Every call of every phase (the server takes no others): a call is counted once its
+        # answer has been sent, so a snapshot between phases could miss the last ones.
         clients = Counter(
-            (METHODS[o.protocol], o.code.name)
-            for o in results["at saturation"] + results["beyond saturation"]
+            (METHODS[o.protocol], o.code.name) for outcomes in results.values() for o in outcomes
         )
 
-        def counted_since() -> Counter:
-            counted = Counter(_counts(server))
-            counted.subtract(counted_before)
-            return +counted
+        def server_counts() -> Counter:
+            return +Counter(_counts(server))
 
-        # A call is counted once its answer has been sent: the last ones may still be on the way.
         with contextlib.suppress(AssertionError):
-            eventually(lambda: counted_since() == clients, timeout=10)
-        counted = counted_since()
+            eventually(lambda: server_counts() == clients, timeout=10)
+        counted = server_counts()
         eventually(lambda: server.repository.get("tiny").scheduler.in_flight == 0)
         assert_still_serving(server)
     print(f"peak in flight {sampler.peak} (limit {queue}, {sampler.samples} samples), "
