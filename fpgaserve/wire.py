@@ -122,10 +122,28 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     return _as_float32(_from_values(name, values, dtype, shape))
 
 
-def to_tensor_proto(array: np.ndarray, into: Any = None) -> Any:
-    """Image bytes (object or bytes array) or floats (sent as float32, packed little-endian), as
-    a new TensorProto or in place of ``into``'s contents, one held by a message
-    (``response.outputs[k]``): no copy of the tensor from one message into another."""
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# TensorProto's ``repeated float float_val = 5 [packed = true]``: field 5, length-delimited.
+_FLOAT_VAL_KEY = bytes([5 << 3 | 2])
+
+
+def to_tensor_proto(array: np.ndarray, into: Any = None, typed: bool = False) -> Any:
+    """Image bytes (object or bytes array) or floats (sent as float32), as a new TensorProto or
+    in place of ``into``'s contents, one held by a message (``response.outputs[k]``): no copy of
+    the tensor from one message into another.
+
+    Floats go in ``tensor_content``, or with ``typed`` in ``float_val`` as TensorFlow Serving
+    answers by default: clients that read ``outputs[k].float_val`` need that. Both are the same
+    little-endian bytes on the wire, so ``float_val`` is written as its packed field, which
+    costs what ``tensor_content`` does (a Python ``extend`` of 1000 floats takes 15x longer)."""
     tensor_pb2, _, types_pb2 = _tf()
     proto = tensor_pb2.TensorProto() if into is None else into
     proto.Clear()
@@ -135,9 +153,13 @@ def to_tensor_proto(array: np.ndarray, into: Any = None) -> Any:
     if _is_strings(array):
         proto.dtype = types_pb2.DT_STRING
         proto.string_val.extend(array.ravel())
+        return proto
+    proto.dtype = types_pb2.DT_FLOAT
+    data = np.ascontiguousarray(array, _FLOAT32_LE).tobytes()
+    if typed:
+        proto.MergeFromString(_FLOAT_VAL_KEY + _varint(len(data)) + data)
     else:
-        proto.dtype = types_pb2.DT_FLOAT
-        proto.tensor_content = np.ascontiguousarray(array, _FLOAT32_LE).tobytes()
+        proto.tensor_content = data
     return proto
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from .core import refusing
+
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 KEYS_ENV = "FPGASERVE_AUTH_KEYS"
 
@@ -36,6 +38,7 @@ def _aborting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
     """A handler of the same streaming kind as ``handler`` that refuses the call."""
 
     def refuse(request, context: grpc.ServicerContext):
+        refusing(context)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     factory: Callable = {

@@ -7,6 +7,7 @@ request goes through (routing, admission, cancellation, status codes) happens he
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -32,6 +33,12 @@ access_log = logging.getLogger("fpgaserve.access")
 
 T = TypeVar("T")
 REQUEST_ID = "x-request-id"
+# Brainwave's PredictionClient reads a failed call's id from this initial metadata key first and
+# fails with KeyError, hiding the status, when it is missing.
+BRAINWAVE_REQUEST_ID = "request_id"
+# Sent without initial metadata: a call that got headers is "committed" and gRPC's own retry
+# policies (this project's client's included) no longer retry it.
+RETRYABLE = grpc.StatusCode.UNAVAILABLE
 SERVER_TIMING = "server-timing"
 
 
@@ -56,6 +63,7 @@ def _parsing(behaviour: Callable, request_class: type) -> Callable:
         try:
             request = request_class.FromString(raw)
         except DecodeError as exc:
+            refusing(context)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid {request_class.DESCRIPTOR.full_name} message "
@@ -64,6 +72,13 @@ def _parsing(behaviour: Callable, request_class: type) -> Callable:
         return behaviour(request, context)
 
     return handle
+
+
+def refusing(context: grpc.ServicerContext, rid: str | None = None) -> None:
+    """Before an error status other than ``RETRYABLE``: the request id as initial metadata,
+    where Brainwave's clients look for it."""
+    with contextlib.suppress(grpc.RpcError, ValueError):  # the call has already ended
+        context.send_initial_metadata(((BRAINWAVE_REQUEST_ID, rid or request_id(context)),))
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -158,6 +173,8 @@ class ServingCore:
             if record["timings"]:
                 trailers.append((SERVER_TIMING, server_timing(record["timings"])))
             context.set_trailing_metadata(trailers)
+            if code not in (grpc.StatusCode.OK, RETRYABLE):
+                refusing(context, rid)
             # Metrics and the access line cost ~0.2 ms of Python, cold after a request's
             # stages: gRPC runs them once the answer is on its way, off the caller's latency.
             account = functools.partial(self._account, rid, method, record, code, started)

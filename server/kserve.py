@@ -108,6 +108,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             wanted = [output.name for output in request.outputs] or [
                 spec.name for spec in model.signature.outputs
             ]
+            if len(set(wanted)) != len(wanted):
+                raise InvalidArgument(f"outputs name {wanted}: name each output once")
             results = self.core.infer(context, record, model, inputs, wanted)
             response = v2.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id

@@ -8,6 +8,7 @@ Brainwave's service did; the features (and any other output) come when named in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -32,6 +33,9 @@ from .errors import FailedPrecondition, InvalidArgument, ServingError
 from .model import ServedModel
 
 DEFAULT_SIGNATURE = "serving_default"
+# Brainwave's service answered Predict with one output under this alias, and its clients (Python,
+# C#, C++) read ``outputs["output_alias"]``; it names the model's default output.
+DEFAULT_OUTPUT_ALIAS = "output_alias"
 PREDICT_METHOD = "tensorflow/serving/predict"
 _STATE = get_model_status_pb2.ModelVersionStatus.State
 _UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a version that failed to load
@@ -54,9 +58,12 @@ def _signatures(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def _check_signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> None:
-    if not name:
-        return
+def _signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> str:
+    """The signature a request runs: the one it names, checked against its input, or without a
+    name the one that takes its input (so the reply names what ran)."""
+    if not name:  # signatures other than the default are named after their input
+        first = model.signature.inputs[0].name
+        return next((k if k != first else DEFAULT_SIGNATURE for k in inputs), DEFAULT_SIGNATURE)
     signatures = _signatures(model)
     if name not in signatures:
         raise FailedPrecondition(
@@ -65,6 +72,21 @@ def _check_signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> N
     expected = signatures[name].name
     if set(inputs) != {expected}:
         raise InvalidArgument(f"signature {name!r} takes input {expected!r}, got {sorted(inputs)}")
+    return name
+
+
+def _aliases(model: ServedModel, output_filter: Sequence[str]) -> dict[str, str]:
+    """{response key: model output} for Predict: the filter's names, ``output_alias`` standing
+    for the default output; without a filter, only the default output, as ``output_alias``."""
+    default = model.signature.default_output
+    if not output_filter:
+        return {DEFAULT_OUTPUT_ALIAS: default}
+    aliases: dict[str, str] = {}
+    for alias in output_filter:
+        if alias in aliases:
+            raise InvalidArgument(f"output_filter names {alias!r} twice; name each output once")
+        aliases[alias] = default if alias == DEFAULT_OUTPUT_ALIAS else alias
+    return aliases
 
 
 def _tensor_info(spec) -> meta_graph_pb2.TensorInfo:
@@ -85,7 +107,7 @@ def _reply_spec(
 ) -> model_pb2.ModelSpec:
     """The version that answered; written into ``into`` (a response's field) when given."""
     spec = model_pb2.ModelSpec() if into is None else into
-    spec.name, spec.signature_name = model.name, signature or DEFAULT_SIGNATURE
+    spec.name, spec.signature_name = model.name, signature
     spec.version.value = model.version
     return spec
 
@@ -98,14 +120,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def handle(record: dict[str, Any]) -> predict_pb2.PredictResponse:
             model = _model(self.core, request.model_spec)
             inputs = {name: from_tensor_proto(name, t) for name, t in request.inputs.items()}
-            _check_signature(model, request.model_spec.signature_name, inputs)
-            outputs = self.core.infer(
-                context, record, model, inputs, list(request.output_filter) or None
-            )
+            signature = _signature(model, request.model_spec.signature_name, inputs)
+            aliases = _aliases(model, request.output_filter)
+            wanted = list(dict.fromkeys(aliases.values()))
+            outputs = self.core.infer(context, record, model, inputs, wanted)
             response = predict_pb2.PredictResponse()
-            _reply_spec(model, request.model_spec.signature_name, response.model_spec)
-            for name, value in outputs.items():
-                to_tensor_proto(value, response.outputs[name])
+            _reply_spec(model, signature, response.model_spec)
+            for alias, name in aliases.items():
+                to_tensor_proto(outputs[name], response.outputs[alias], typed=True)
             return response
 
         return self.core.call(context, "Predict", request.model_spec.name, handle)
@@ -119,7 +141,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def handle(record: dict[str, Any]) -> classification_pb2.ClassificationResponse:
             model = _model(self.core, request.model_spec)
             key = model.signature.inputs[0].name
-            _check_signature(model, request.model_spec.signature_name, {key: None})
+            signature = _signature(model, request.model_spec.signature_name, {key: None})
             examples = list(request.input.example_list.examples) or list(
                 request.input.example_list_with_context.examples
             )
@@ -143,7 +165,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 for index in np.argsort(-row, kind="stable"):
                     classes.add(label=labels[index], score=float(row[index]))
             return classification_pb2.ClassificationResponse(
-                model_spec=_reply_spec(model, request.model_spec.signature_name), result=result
+                model_spec=_reply_spec(model, signature), result=result
             )
 
         return self.core.call(context, "Classify", request.model_spec.name, handle)
@@ -152,12 +174,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         def handle(record: dict[str, Any]) -> get_model_metadata_pb2.GetModelMetadataResponse:
-            if list(request.metadata_field) != ["signature_def"]:
+            if set(request.metadata_field) != {"signature_def"}:
                 raise InvalidArgument(
                     "metadata_field must be ['signature_def'], the only metadata served"
                 )
             model = _model(self.core, request.model_spec)
             outputs = {spec.name: _tensor_info(spec) for spec in model.signature.outputs}
+            outputs[DEFAULT_OUTPUT_ALIAS] = outputs[model.signature.default_output]
             signatures = get_model_metadata_pb2.SignatureDefMap()
             for name, spec in _signatures(model).items():
                 signatures.signature_def[name].CopyFrom(
@@ -168,7 +191,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                     )
                 )
             response = get_model_metadata_pb2.GetModelMetadataResponse(
-                model_spec=_reply_spec(model, "")
+                model_spec=_reply_spec(model, DEFAULT_SIGNATURE)
             )
             response.metadata["signature_def"].Pack(signatures)
             return response

@@ -83,19 +83,26 @@ def test_predict_returns_only_the_probabilities_bit_exact(stub, expected):
     response = stub.Predict(
         request, timeout=30, metadata=[("x-ms-aml-grpc-service-route", "/api/v1/service/x")]
     )
-    assert list(response.outputs) == ["probabilities"]
-    probabilities = tf.make_ndarray(response.outputs["probabilities"])
+    assert list(response.outputs) == ["output_alias"]  # Brainwave's name for its one output
+    probabilities = tf.make_ndarray(response.outputs["output_alias"])
     np.testing.assert_array_equal(probabilities, expected["probabilities"])
     assert response.model_spec.name == "tiny" and response.model_spec.version.value == 1
+    # In the typed field, as TensorFlow Serving answers: `np.array(t.float_val)` clients work.
+    values = np.array(response.outputs["output_alias"].float_val, np.float32)
+    np.testing.assert_array_equal(values, expected["probabilities"].ravel())
 
 
 def test_output_filter_and_featurizer_input(stub, expected, archive):
     request = predict_request([jpeg(0), jpeg(1)], version=1)
-    request.output_filter.extend(["features", "probabilities"])
+    request.output_filter.extend(["features", "probabilities", "output_alias"])
     response = stub.Predict(request, timeout=30)
-    assert sorted(response.outputs) == ["features", "probabilities"]
+    assert sorted(response.outputs) == ["features", "output_alias", "probabilities"]
     features = tf.make_ndarray(response.outputs["features"])
     np.testing.assert_array_equal(features, expected["features"])
+    for alias in ("probabilities", "output_alias"):
+        np.testing.assert_array_equal(
+            tf.make_ndarray(response.outputs[alias]), expected["probabilities"]
+        )
 
     # Float tensors enter at the featurizer ("preprocessed"), skipping JPEG decoding.
     with Pipeline.load(archive) as pipeline:
@@ -105,8 +112,9 @@ def test_output_filter_and_featurizer_input(stub, expected, archive):
     request.inputs["preprocessed"].CopyFrom(tf.make_tensor_proto(preprocessed["preprocessed"]))
     response = stub.Predict(request, timeout=30)
     np.testing.assert_array_equal(
-        tf.make_ndarray(response.outputs["probabilities"]), expected["probabilities"][:1]
+        tf.make_ndarray(response.outputs["output_alias"]), expected["probabilities"][:1]
     )
+    assert response.model_spec.signature_name == "preprocessed"  # the signature that ran
 
 
 BAD_PREDICTS = [
@@ -128,6 +136,8 @@ BAD_PREDICTS = [
     ("unknown input", lambda: _with_input("pixels", tf.make_tensor_proto([b"x"])),
      "INVALID_ARGUMENT", "no input 'pixels'"),
     ("unknown output", lambda: _with_filter("logits"), "INVALID_ARGUMENT", "logits"),
+    ("output named twice", lambda: _with_filter("features", "features"), "INVALID_ARGUMENT",
+     "'features' twice"),
     ("content too short", lambda: _with_input("preprocessed", _short_tensor()), "INVALID_ARGUMENT",
      "bytes"),
 ]  # fmt: skip
@@ -140,9 +150,9 @@ def _with_input(name, tensor):
     return request
 
 
-def _with_filter(name):
+def _with_filter(*names):
     request = predict_request([jpeg()])
-    request.output_filter.append(name)
+    request.output_filter.extend(names)
     return request
 
 
@@ -158,7 +168,7 @@ def test_bad_predicts_get_the_right_status_and_the_server_keeps_serving(stub, ca
     error = error_of(stub.Predict, make())
     assert error.code().name == code, error.details()
     assert fragment in error.details()
-    assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs["probabilities"]
+    assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs["output_alias"]
 
 
 def test_metadata_status_and_classify(server):
@@ -172,7 +182,8 @@ def test_metadata_status_and_classify(server):
         default = signatures.signature_def["serving_default"]
         assert list(default.inputs) == ["images"]
         assert default.inputs["images"].dtype == tf.string.as_datatype_enum
-        assert sorted(default.outputs) == ["features", "probabilities"]
+        assert sorted(default.outputs) == ["features", "output_alias", "probabilities"]
+        assert default.outputs["output_alias"] == default.outputs["probabilities"]
         assert [d.size for d in default.outputs["probabilities"].tensor_shape.dim] == [-1, 10]
         assert list(signatures.signature_def["preprocessed"].inputs) == ["preprocessed"]
 
@@ -344,13 +355,39 @@ def test_hostile_images_are_refused_before_decoding(stub, image, fragment):
     assert fragment in error.details()
 
 
+def brainwave_score_file(stub, data: bytes) -> np.ndarray:
+    """What Brainwave's PredictionClient.score_file does, step by step: one DT_STRING image,
+    no model name; the answer is ``outputs["output_alias"]``, without its batch dimension. A
+    failed call's id is read from its initial metadata before anything else (KeyError if absent)
+    and the call is retried unless it was INVALID_ARGUMENT."""
+    request = predict_pb2.PredictRequest()
+    request.inputs["images"].string_val.append(data)
+    request.inputs["images"].dtype = tf.string.as_datatype_enum
+    request.inputs["images"].tensor_shape.dim.add(size=1)
+    try:
+        result = stub.Predict(request, 10.0)
+    except grpc.RpcError as error:
+        error.request_id = dict(error.initial_metadata())["request_id"].upper()
+        raise
+    return tf.make_ndarray(result.outputs["output_alias"])[0]
+
+
+def test_brainwaves_prediction_client_works_unchanged(stub, expected):
+    np.testing.assert_array_equal(brainwave_score_file(stub, jpeg(0)), expected["probabilities"][0])
+    with pytest.raises(grpc.RpcError) as info:
+        brainwave_score_file(stub, b"not an image")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not retried by the client
+    trailers = dict(info.value.trailing_metadata())
+    assert info.value.request_id == trailers["x-request-id"].upper()
+
+
 def test_azure_style_requests_without_a_model_name(server, stub, tmp_path):
     """Brainwave's PredictionClient leaves model_spec empty and always sends these headers."""
     request = predict_pb2.PredictRequest()
     request.inputs["images"].CopyFrom(tf.make_tensor_proto([jpeg()]))
     azure = [("authorization", "Bearer "), ("x-ms-aml-grpc-service-route", "/api/v1/service/x")]
     response = stub.Predict(request, timeout=30, metadata=azure)
-    assert response.model_spec.name == "tiny" and list(response.outputs) == ["probabilities"]
+    assert response.model_spec.name == "tiny" and list(response.outputs) == ["output_alias"]
 
     second = tiny_archive(tmp_path / "other.zip", name="other", seed=3)
     config = ServerConfig(archives=[second, server.config.archives[0]])

@@ -55,7 +55,7 @@ def test_queued_requests_share_a_device_batch_and_get_their_own_bits(archive):
         wait_for_runs(model.scheduler, 5)
         time.sleep(0.2)  # let the preprocess stage hand everything to the device queue
         device.gate.set()
-        results = [tf.make_ndarray(f.result().outputs["probabilities"]) for f in futures]
+        results = [tf.make_ndarray(f.result().outputs["output_alias"]) for f in futures]
         # The first request ran alone (the device was idle); the other four waited together.
         assert device.runs - runs_before == 2
     with Pipeline.load(archive) as pipeline:
@@ -80,7 +80,7 @@ def test_overload_is_refused_at_once_and_bounded(archive):
             stub_of(ch).Predict(predict_request([jpeg()] * 5), timeout=60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # can never fit
         device.gate.set()
-        assert all(f.result().outputs["probabilities"] for f in futures)
+        assert all(f.result().outputs["output_alias"].float_val for f in futures)
         eventually(lambda: model.scheduler.in_flight == 0)
 
 
@@ -153,7 +153,7 @@ def test_stop_drains_accepted_requests(archive):
             stub_of(ch).Predict(predict_request([jpeg()]), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         device.gate.set()
-        assert all(f.result().outputs["probabilities"] for f in futures)  # none lost
+        assert all(f.result().outputs["output_alias"].float_val for f in futures)  # none lost
         stopper.join(30)
         assert not stopper.is_alive()
 

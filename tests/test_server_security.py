@@ -49,7 +49,7 @@ def test_tls_and_mutual_tls(archive, pki, tmp_path):
     tls = TlsConfig(pki["server"], pki["server_key"])
     with running(ServerConfig(archives=[archive], tls=tls)) as server:
         with secure_channel(server, pki["ca"]) as ch:
-            assert predict(ch).outputs["probabilities"]
+            assert predict(ch).outputs["output_alias"].float_val
         other = make_pki(tmp_path, "other")
         with secure_channel(server, other["ca"]) as ch, pytest.raises(grpc.RpcError) as info:
             predict(ch)  # the server's certificate does not chain to this CA
@@ -58,7 +58,7 @@ def test_tls_and_mutual_tls(archive, pki, tmp_path):
     mutual = TlsConfig(pki["server"], pki["server_key"], client_ca=pki["ca"])
     with running(ServerConfig(archives=[archive], tls=mutual)) as server:
         with secure_channel(server, pki["ca"], pki["client"], pki["client_key"]) as ch:
-            assert predict(ch).outputs["probabilities"]
+            assert predict(ch).outputs["output_alias"].float_val
         address = ["health", "--address", f"localhost:{server.port}", "--tls-ca", str(pki["ca"])]
         client = ["--tls-cert", str(pki["client"]), "--tls-key", str(pki["client_key"])]
         assert cli_main([*address, *client]) == 0  # the container's health check, over mTLS
@@ -80,7 +80,7 @@ def test_bearer_tokens_guard_every_rpc_but_health(archive, caplog):
     config = ServerConfig(archives=[archive], auth_keys=[b"other-key", KEY.encode()])
     with running(config) as server, grpc.insecure_channel(f"localhost:{server.port}") as ch:
         good = [("authorization", f"Bearer {KEY}")]
-        assert predict(ch, good).outputs["probabilities"]
+        assert predict(ch, good).outputs["output_alias"].float_val
 
         status = get_model_status_pb2.GetModelStatusRequest()
         status.model_spec.name = "tiny"
@@ -113,6 +113,9 @@ def test_bearer_tokens_guard_every_rpc_but_health(archive, caplog):
                     call(metadata)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert "Bearer" in info.value.details()
+                assert dict(info.value.initial_metadata())[
+                    "request_id"
+                ]  # as Brainwave's clients read it
 
         # Orchestrators' probes carry no token.
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -186,7 +186,7 @@ class Load:
         if reply is not None:
             if protocol == "tf":
                 outcome.version = reply.model_spec.version.value
-                probabilities = tf.make_ndarray(reply.outputs["probabilities"])
+                probabilities = tf.make_ndarray(reply.outputs["output_alias"])
             else:
                 outcome.version = int(reply.model_version)
                 probabilities = np.frombuffer(reply.raw_output_contents[0], "<f4")
