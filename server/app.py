@@ -3,6 +3,7 @@ and a drain on shutdown that answers every request already accepted."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,7 @@ class FpgaServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._health_lock = threading.Lock()
         self._known_models: set[str] = set()
+        self._gauged: set[tuple[str, str]] = set()  # (model, version) with a ready gauge
         try:
             self.repository = ModelRepository(
                 self.device,
@@ -176,11 +178,27 @@ class FpgaServer:
             self.health.set("", SERVING if ready else NOT_SERVING)
             for service in SERVICE_NAMES:
                 self.health.set(service, SERVING if ready else NOT_SERVING)
-            for model in self.repository.served():
+            served = self.repository.served()
+            gauged = {(model.name, str(model.version)) for model in served}
+            for model in served:
                 self.metrics.model_ready.labels(model.name, str(model.version)).set(model.ready)
-                self.metrics.in_flight.labels(model.name).set_function(
-                    lambda m=model: m.scheduler.in_flight if m.scheduler else 0
+            for gone in self._gauged - gauged:  # unloaded: no stale "ready" left behind
+                self.metrics.model_ready.remove(*gone)
+            for name in {model.name for model in served}:
+                self.metrics.in_flight.labels(name).set_function(
+                    functools.partial(self._images_in_flight, name)
                 )
+            for name in {name for name, _ in self._gauged} - {model.name for model in served}:
+                self.metrics.in_flight.remove(name)
+            self._gauged = gauged
+
+    def _images_in_flight(self, name: str) -> int:
+        """Over every served version of ``name``."""
+        return sum(
+            model.scheduler.in_flight
+            for model in self.repository.served()
+            if model.name == name and model.scheduler is not None
+        )
 
     def start(self) -> FpgaServer:
         self._update_health()

@@ -133,9 +133,14 @@ class ServingCore:
         method: str,
         model_name: str,
         handle: Callable[[dict[str, Any]], T],
+        inference: bool = True,
     ) -> T:
         """Run ``handle`` for one RPC. A ``ServingError`` becomes its status; anything else is
-        logged with its traceback and answered INTERNAL with the request id to quote."""
+        logged with its traceback and answered INTERNAL with the request id to quote.
+
+        Only ``inference`` calls count against the call limit and are refused while draining:
+        questions about models (readiness, metadata, status) are answered at any load, when
+        orchestrators' probes need them most."""
         rid = request_id(context)
         record: dict[str, Any] = {
             "timings": None,
@@ -146,15 +151,15 @@ class ServingCore:
         started = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         with self._idle:
-            busy = self._active >= self.max_calls
-            accepted = not self.draining and not busy
+            busy = inference and self._active >= self.max_calls
+            accepted = inference and not self.draining and not busy
             self._active += accepted
         try:
             if busy:
                 raise ResourceExhausted(
                     f"the server is handling {self.max_calls} calls, its limit; retry with backoff"
                 )
-            if not accepted:
+            if inference and not accepted:
                 raise Unavailable("the server is shutting down; retry on another replica")
             return handle(record)
         except ServingError as exc:

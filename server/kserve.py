@@ -13,7 +13,7 @@ from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.wire import V2_DATATYPES, from_v2, to_v2
 
 from .core import ServingCore
-from .errors import InvalidArgument, NotFound, Unavailable
+from .errors import InvalidArgument, NotFound, ServingError
 from .model import ServedModel
 
 PLATFORM = "fpgaserve"
@@ -44,8 +44,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: ServingCore) -> None:
         self.core = core
 
-    def _model(self, name: str, version: str) -> ServedModel:
-        name = name or self.core.repository.only_model()
+    def _model(self, name: str, version: str, field: str = "name") -> ServedModel:
+        name = name or self.core.repository.only_model(field)
         return self.core.repository.get(name, _version(version))
 
     def ServerLive(self, request, context) -> v2.ServerLiveResponse:
@@ -57,18 +57,15 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: v2.ModelReadyRequest, context) -> v2.ModelReadyResponse:
         def handle(record: dict[str, Any]) -> v2.ModelReadyResponse:
-            if not self.core.repository.serves(request.name):
-                raise NotFound(
-                    f"model {request.name!r} is not served here; "
-                    f"models: {self.core.repository.names()}"
-                )
             try:
                 model = self._model(request.name, request.version)
-            except (NotFound, Unavailable):  # loading, failed, or that version is not served
+            except InvalidArgument:  # no name on a server of several models; a bad version
+                raise
+            except ServingError:  # unknown, loading or failed: not ready, as Triton answers
                 return v2.ModelReadyResponse(ready=False)
             return v2.ModelReadyResponse(ready=model.ready and not self.core.draining)
 
-        return self.core.call(context, "ModelReady", request.name, handle)
+        return self.core.call(context, "ModelReady", request.name, handle, inference=False)
 
     def ServerMetadata(self, request, context) -> v2.ServerMetadataResponse:
         return v2.ServerMetadataResponse(name=PLATFORM, version=__version__, extensions=[])
@@ -85,15 +82,17 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 name=model.name,
                 versions=versions,
                 platform=PLATFORM,
-                inputs=[_metadata(spec) for spec in model.signature.inputs],
+                # The service input only: the protocol reads every listed input as required.
+                # The featurizer's input (``preprocessed``) is accepted instead; see the docs.
+                inputs=[_metadata(model.signature.inputs[0])],
                 outputs=[_metadata(spec) for spec in model.signature.outputs],
             )
 
-        return self.core.call(context, "ModelMetadata", request.name, handle)
+        return self.core.call(context, "ModelMetadata", request.name, handle, inference=False)
 
     def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
         def handle(record: dict[str, Any]) -> v2.ModelInferResponse:
-            model = self._model(request.model_name, request.model_version)
+            model = self._model(request.model_name, request.model_version, "model_name")
             raw = list(request.raw_input_contents)
             if raw and len(raw) != len(request.inputs):
                 raise InvalidArgument(

@@ -68,10 +68,10 @@ class ServedModel:
         path: Path,
         batching: BatchingConfig,
         on_health: Callable[[], None] = lambda: None,
-        stamp: tuple[int, int] = (0, 0),
+        stamp: tuple[int, ...] = (),
     ) -> None:
         self.name, self.version, self.path, self.batching = name, version, path, batching
-        self.stamp = stamp  # (mtime, size) of the archive this instance was loaded from
+        self.stamp = stamp  # `Candidate.stamp` of the archive this instance was loaded from
         self.max_image_pixels = DEFAULT_MAX_PIXELS
         self.state, self.error = LOADING, ""
         self.device_healthy = True

@@ -20,7 +20,7 @@ from pathlib import Path
 from fpgaserve.hal import Device
 from fpgaserve.pipeline import read_manifest
 
-from .errors import InvalidArgument, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .model import AVAILABLE, END, ServedModel
 from .scheduler import BatchingConfig
 
@@ -81,12 +81,14 @@ class Candidate:
     """An archive on disk; ``stamp`` changes when the file does."""
 
     path: Path
-    stamp: tuple[int, int]
+    stamp: tuple[int, ...]
 
     @classmethod
     def of(cls, path: Path) -> Candidate:
+        # Not only time and size: reproducible builds fix mtimes, and a file renamed into place
+        # (how to publish) is a new inode; ctime catches an overwrite in place.
         stat = path.stat()
-        return cls(path, (stat.st_mtime_ns, stat.st_size))
+        return cls(path, (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns))
 
 
 class ModelRepository:
@@ -140,12 +142,13 @@ class ModelRepository:
             others = {name for name, _ in (*self._failed, *self._loading)}
             return sorted(set(self._models) | set(self._fixed) | others)
 
-    def only_model(self) -> str:
-        """The name to use when a request names none: allowed while exactly one model is served."""
+    def only_model(self, field: str = "model_spec.name") -> str:
+        """The name to use when a request names none (in its ``field``): allowed while exactly
+        one model is served."""
         names = self.names()
         if len(names) != 1:
             raise InvalidArgument(
-                f"name the model (model_spec.name); this server has {len(names)}: {names}"
+                f"name the model ({field}); this server has {len(names)}: {names}"
             )
         return names[0]
 
@@ -157,7 +160,10 @@ class ModelRepository:
                 if any(known == name for known, _ in self._loading):
                     raise Unavailable(f"model {name!r} is still loading; retry shortly")
                 if any(known == name for known, _ in self._failed):
-                    raise Unavailable(f"model {name!r} failed to load; see GetModelStatus")
+                    raise FailedPrecondition(
+                        f"model {name!r} failed to load; GetModelStatus says why: fix or "
+                        "replace its archive"
+                    )
                 raise NotFound(f"model {name!r} is not served here; models: {self.names()}")
             if label:
                 labels = self._labels.get(name, {})
@@ -172,6 +178,13 @@ class ModelRepository:
                     raise Unavailable(f"model {name!r} is still loading; retry shortly")
                 return available[max(available)]
             if version not in available:
+                if (name, version) in self._loading:
+                    raise Unavailable(f"model {name!r} version {version} is still loading; retry")
+                if (name, version) in self._failed and version not in versions:
+                    raise FailedPrecondition(
+                        f"model {name!r} version {version} failed to load; GetModelStatus says "
+                        f"why; available versions: {sorted(available)}"
+                    )
                 state = versions[version].state if version in versions else "not present"
                 raise NotFound(
                     f"model {name!r} version {version} is not available ({state}); "
@@ -288,8 +301,19 @@ class ModelRepository:
                 if not self._known_bad(name, version, candidate):
                     self._load(name, version, candidate)
         self._retire(found)
+        self._forget_missing(found)
         self._first_sync.set()
         self._on_change()
+
+    def _forget_missing(self, found: dict[str, dict[int, Candidate]]) -> None:
+        """Failures and labels of folders that are gone: a deleted broken model is no longer
+        listed (nor counted when a request names no model)."""
+        with self._lock:
+            for name, version in list(self._failed):
+                if version not in found.get(name, {}):
+                    del self._failed[(name, version)]
+            for name in set(self._labels) - set(found):
+                del self._labels[name]
 
     def _known_bad(self, name: str, version: int, candidate: Candidate) -> bool:
         """This very file failed before; it is retried only once it changes."""
@@ -304,6 +328,7 @@ class ModelRepository:
         log.info("loading model %s version %d from %s", name, version, candidate.path)
         with self._lock:
             self._loading[(name, version)] = model
+        self._on_change()  # health: the model is known, NOT_SERVING until it is available
         try:
             model.load(self.device, warmup=self._warmup)
         except Exception as exc:  # any load failure: the version already serving stays
@@ -318,6 +343,7 @@ class ModelRepository:
             previous = self._models.setdefault(name, {}).get(version)
             self._models[name][version] = model
         log.info("model %s version %d is available", name, version)
+        self._on_change()  # SERVING now, while other models may still be loading
         if previous is not None:
             previous.unload()
 

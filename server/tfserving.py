@@ -196,7 +196,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.metadata["signature_def"].Pack(signatures)
             return response
 
-        return self.core.call(context, "GetModelMetadata", request.model_spec.name, handle)
+        return self.core.call(
+            context, "GetModelMetadata", request.model_spec.name, handle, inference=False
+        )
 
     def Regress(self, request, context):
         context.abort(
@@ -240,7 +242,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                 )
             return response
 
-        return self.core.call(context, "GetModelStatus", request.model_spec.name, handle)
+        return self.core.call(
+            context, "GetModelStatus", request.model_spec.name, handle, inference=False
+        )
 
     def HandleReloadConfigRequest(self, request, context):
         context.abort(

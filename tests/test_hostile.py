@@ -31,6 +31,7 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
     prediction_service_pb2,
@@ -246,9 +247,17 @@ def test_odd_folders_in_the_repository_are_not_served(repository_server):
 # version folder or model.zip pointing outside --model-repository was served.
 @pytest.mark.parametrize("name", LINKS)
 def test_links_out_of_the_repository_are_not_served(ch, name):
+    assert_not_served(ch, name)
+
+
+def assert_not_served(ch, name: str) -> None:
+    """Every RPC that names the model answers NOT_FOUND; ModelReady, not ready (as Triton)."""
     for call, request in _routing_calls(name):
-        code, details, _ = status_of(call(ch), request)
-        assert code == NOT_FOUND, (name, code, details)
+        code, details, reply = status_of(call(ch), request)
+        if isinstance(request, v2.ModelReadyRequest):
+            assert code == OK and not reply.ready, (name, code, details)
+        else:
+            assert code == NOT_FOUND, (name, type(request).__name__, code, details)
 
 
 def _routing_calls(name: str, version: str = "", label: str = "") -> list:
@@ -285,11 +294,9 @@ TRAVERSALS = [
 
 @pytest.mark.parametrize("name", TRAVERSALS, ids=[repr(n[:24]) for n in TRAVERSALS])
 def test_names_cannot_reach_outside_the_repository(ch, name):
-    """Every RPC that names a model answers NOT_FOUND for names that are paths, encodings of
+    """No RPC that names a model finds one for names that are paths, encodings of
     paths, near misses of a served name, or folders the repository ignores."""
-    for call, request in _routing_calls(name):
-        code, details, _ = status_of(call(ch), request)
-        assert code == NOT_FOUND, (name, type(request).__name__, code, details)
+    assert_not_served(ch, name)
 
 
 @pytest.mark.parametrize(
@@ -485,12 +492,28 @@ def test_concurrent_call_limit_refuses_at_once_and_recovers(archive):
 # Found by this test: maximum_concurrent_rpcs (ServerConfig.threads) counted health checks too, so
 # with `threads` calls in progress Health/Check was refused RESOURCE_EXHAUSTED and the Kubernetes
 # liveness probe (deploy/) failed under sustained load.
-def test_health_is_answered_while_every_call_slot_is_busy(archive):
+# Likewise readiness and metadata calls: KServe's readiness probe asks ModelReady.
+def test_health_readiness_and_metadata_are_answered_while_every_call_slot_is_busy(archive):
     with every_call_slot_held(archive) as (ch, *_):
         check = health_pb2_grpc.HealthStub(ch).Check
         code, details, reply = status_of(check, health_pb2.HealthCheckRequest(), timeout=10)
         assert code == OK, f"{code.name}: {details}"
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        v2_stub = v2_grpc.GRPCInferenceServiceStub(ch)
+        code, details, reply = status_of(v2_stub.ModelReady, v2.ModelReadyRequest(name="tiny"))
+        assert code == OK and reply.ready, f"{code.name}: {details}"
+        questions = [
+            (v2_stub.ModelMetadata, v2.ModelMetadataRequest(name="tiny")),
+            (prediction_service_pb2_grpc.PredictionServiceStub(ch).GetModelMetadata,
+             get_model_metadata_pb2.GetModelMetadataRequest(
+                 model_spec=model_pb2.ModelSpec(name="tiny"), metadata_field=["signature_def"])),
+            (model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus,
+             get_model_status_pb2.GetModelStatusRequest(
+                 model_spec=model_pb2.ModelSpec(name="tiny"))),
+        ]  # fmt: skip
+        for call, request in questions:
+            code, details, _ = status_of(call, request)
+            assert code == OK, f"{type(request).__name__}: {code.name}: {details}"
 
 
 def _serving(ch) -> bool:

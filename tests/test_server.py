@@ -215,9 +215,13 @@ def test_v2_server_and_model_calls(v2_stub, expected):
     assert v2_stub.ServerMetadata(v2.ServerMetadataRequest(), timeout=10).name == "fpgaserve"
     metadata = v2_stub.ModelMetadata(v2.ModelMetadataRequest(name="tiny"), timeout=10)
     assert metadata.versions == ["1"]
+    # The service input only: v2 clients send every input the metadata lists.
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
-        ("images", "BYTES", [-1]), ("preprocessed", "FP32", [-1, 224, 224, 3])
+        ("images", "BYTES", [-1])
     ]  # fmt: skip
+    # Readiness of what is not served is a boolean, as Triton answers; no name: the only model.
+    assert not v2_stub.ModelReady(v2.ModelReadyRequest(name="nope"), timeout=10).ready
+    assert v2_stub.ModelReady(v2.ModelReadyRequest(), timeout=10).ready
 
     # Raw BYTES: each element is a 4-byte little-endian length, then its bytes.
     images = [jpeg(0), jpeg(1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tensorflow_serving.apis import (
 from test_server import predict_request
 
 from fpgaserve.server import ServerConfig, VersionPolicy
+from fpgaserve.server.repository import Candidate
 
 State = get_model_status_pb2.ModelVersionStatus
 
@@ -69,9 +71,18 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
         assert state == State.END and "not a readable zip archive" in error
         assert statuses(ch)[2] == (State.AVAILABLE, "")
         assert served_version(ch) == 2  # the broken version never took over
+        with pytest.raises(grpc.RpcError) as info:  # not retryable: the archive needs fixing
+            served_version(ch, version=3)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "failed to load" in info.value.details()
 
         place(root, 3, archives[1])  # fixed: the new file is retried
         eventually(lambda: statuses(ch) == {3: (State.AVAILABLE, "")})
+
+        place(root, 7, b"broken, then deleted")
+        eventually(lambda: 7 in statuses(ch))
+        shutil.rmtree(root / "tiny" / "7")  # a deleted failure is forgotten
+        eventually(lambda: 7 not in statuses(ch))
 
         (root / "tiny" / "version_labels.json").write_text(json.dumps({"stable": 3}))
         eventually(lambda: served_version(ch, version_label="stable") == 3)
@@ -79,6 +90,19 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
         shutil.rmtree(root / "tiny")  # the clean unload
         error = eventually(lambda: _not_found(ch))
         assert "not served here" in error
+
+
+def test_a_new_file_of_the_same_size_and_time_counts_as_changed(tmp_path):
+    """Reproducible builds fix mtimes; a file published by rename is still a new one."""
+    target, staged = tmp_path / "model.zip", tmp_path / "model.tmp"
+    target.write_bytes(b"version A")
+    before = Candidate.of(target)
+    staged.write_bytes(b"version B")
+    stat = target.stat()
+    os.utime(staged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    staged.rename(target)
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    assert Candidate.of(target) != before
 
 
 def _not_found(ch) -> str | None:
@@ -109,10 +133,13 @@ def test_health_is_not_serving_while_loading(archives, tmp_path):
         check = health_pb2.HealthCheckRequest
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         assert health.Check(check(), timeout=10).status == not_serving
-        with pytest.raises(grpc.RpcError) as info:
-            served_version(ch)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "loading" in info.value.details()
+        # The model's own status is known (not NOT_FOUND) from the moment it starts loading.
+        eventually(lambda: health.Check(check(service="tiny"), timeout=10).status == not_serving)
+        for spec in ({}, {"version": 1}):
+            with pytest.raises(grpc.RpcError) as info:
+                served_version(ch, **spec)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in info.value.details()
         device.gate.set()
         eventually(
             lambda: (
