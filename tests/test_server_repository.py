@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -63,6 +65,9 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
         place(root, 2, archives[2])
         eventually(lambda: statuses(ch) == {2: (State.AVAILABLE, "")})
         assert served_version(ch) == 2
+        ready = 'fpgaserve_model_ready{model="tiny",version="%d"} 1.0'
+        eventually(lambda: ready % 1 not in metrics(server))  # unloaded: no stale gauge
+        assert ready % 2 in metrics(server)
 
         place(root, 3, b"this is not a zip archive")
         settled = (State.AVAILABLE, State.END)  # version 3 shows LOADING while it is tried
@@ -90,6 +95,8 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
         shutil.rmtree(root / "tiny")  # the clean unload
         error = eventually(lambda: _not_found(ch))
         assert "not served here" in error
+        gauges = re.compile(r'^fpgaserve_(model_ready|in_flight_images)\{model="tiny"', re.M)
+        eventually(lambda: not gauges.search(metrics(server)))
 
 
 def test_a_new_file_of_the_same_size_and_time_counts_as_changed(tmp_path):
@@ -103,6 +110,12 @@ def test_a_new_file_of_the_same_size_and_time_counts_as_changed(tmp_path):
     staged.rename(target)
     assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
     assert Candidate.of(target) != before
+
+
+def metrics(server) -> str:
+    url = f"http://localhost:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 def _not_found(ch) -> str | None:
