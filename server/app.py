@@ -108,7 +108,9 @@ class FpgaServer:
         except BaseException:
             self._close_device()
             raise
-        self.core = ServingCore(self.repository, self.metrics, config.threads)
+        self.core = ServingCore(
+            self.repository, self.metrics, config.threads, config.max_message_bytes
+        )
         self.grpc = self._build_grpc()
         self.port = self._bind()
         self.metrics_port: int | None = None

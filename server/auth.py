@@ -29,8 +29,11 @@ def load_keys(path: Path | None, environ: dict[str, str] | None = None) -> list[
         lines = path.read_text().splitlines()
         keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
     keys = [key for key in keys if key]
+    # Asked for authentication but given no key: refuse to start rather than serve openly.
     if path is not None and not keys:
         raise ValueError(f"auth keys file {path} holds no keys")
+    if KEYS_ENV in environ and not keys:
+        raise ValueError(f"{KEYS_ENV} is set but holds no keys; unset it to serve without auth")
     return [key.encode() for key in keys]
 
 

@@ -113,9 +113,20 @@ def _bounded(message: str) -> str:
     return message[: MAX_MESSAGE_CHARS - 20] + " ... (message cut)"
 
 
+# Served names are at most 128 characters; a longer one a client sends is cut in the access log.
+MAX_LOGGED_NAME = 200
+
+
 class ServingCore:
-    def __init__(self, repository: ModelRepository, metrics: Metrics, max_calls: int = 64) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: Metrics,
+        max_calls: int = 64,
+        max_message_bytes: int = 64 * 2**20,
+    ) -> None:
         self.repository, self.metrics, self.max_calls = repository, metrics, max_calls
+        self.max_message_bytes = max_message_bytes
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
@@ -145,7 +156,7 @@ class ServingCore:
         record: dict[str, Any] = {
             "timings": None,
             "images": 0,
-            "model": model_name,
+            "model": model_name[:MAX_LOGGED_NAME],
             "version": None,
         }
         started = time.perf_counter()
@@ -161,7 +172,15 @@ class ServingCore:
                 )
             if inference and not accepted:
                 raise Unavailable("the server is shutting down; retry on another replica")
-            return handle(record)
+            answer = handle(record)
+            if inference and (size := answer.ByteSize()) > self.max_message_bytes:
+                # gRPC would refuse to send it; say why here, and count it as what it is.
+                raise ResourceExhausted(
+                    f"the answer is {size} bytes, over the server's limit of "
+                    f"{self.max_message_bytes} (--max-message-mb); send fewer images per "
+                    "request or ask for fewer outputs"
+                )
+            return answer
         except ServingError as exc:
             code, message = exc.code, str(exc)
         except WireError as exc:

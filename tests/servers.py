@@ -23,16 +23,18 @@ from fpgaserve.server import FpgaServer, ServerConfig
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-def tiny_archive(path: Path, name: str = "tiny", seed: int = 0) -> Path:
+def tiny_archive(
+    path: Path, name: str = "tiny", seed: int = 0, classes: list[str] = CLASSES
+) -> Path:
     """A real (small) CNN through the whole toolchain: compile, quantize (msfp16), archive."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((224, 224, 3))
     x = keras.layers.Conv2D(8, 3, strides=4, activation="relu")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
+    outputs = keras.layers.Dense(len(classes), activation="softmax")(x)
     model = QuantizedKerasModel(keras.Model(inputs, outputs), "msfp16", progress=False)
     stages = [ImagePreprocessing(preset="tf"), model.featurizer(), model.default_classifier()]
-    return ModelDefinition(name, stages, CLASSES).save(path)
+    return ModelDefinition(name, stages, classes).save(path)
 
 
 def jpeg(seed: int = 0, size: tuple[int, int] = (240, 320)) -> bytes:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from servers import CLASSES, channel, eventually, jpeg, running, tiny_archive
+from servers import CLASSES, channel, eventually, jpeg, requests_counted, running, tiny_archive
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -330,6 +330,20 @@ def test_message_size_limit(archive):
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in error.details()
         assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs
+
+
+def test_an_answer_over_the_message_size_limit_is_refused_and_counted_as_such(tmp_path):
+    wide = tiny_archive(tmp_path / "wide.zip", "wide", classes=[f"c{i}" for i in range(3000)])
+    config = ServerConfig(archives=[wide], max_message_bytes=16 * 1024)  # 12 KB a reply
+    with running(config) as server, channel(server) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        small = jpeg(0, size=(32, 32))
+        assert len(stub.Predict(predict_request([small], "wide"), timeout=30).outputs) == 1
+        error = error_of(stub.Predict, predict_request([small] * 2, "wide"))  # 24 KB of answer
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-message-mb" in error.details()
+        eventually(lambda: requests_counted(server, "Predict", "RESOURCE_EXHAUSTED", "wide") == 1)
+        assert requests_counted(server, "Predict", "OK", "wide") == 1
 
 
 def _png_header(width: int, height: int) -> bytes:

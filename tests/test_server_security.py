@@ -133,3 +133,6 @@ def test_keys_come_from_a_file_and_the_environment(tmp_path):
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="holds no keys"):
         load_keys(path, {})
+    with pytest.raises(ValueError, match="FPGASERVE_AUTH_KEYS is set but holds no keys"):
+        load_keys(None, {"FPGASERVE_AUTH_KEYS": " , "})  # not a server open to all
+    assert load_keys(None, {}) == []  # no authentication asked for
