@@ -1,11 +1,15 @@
 """KServe v2 / Open Inference Protocol ``inference.GRPCInferenceService`` (what KServe, Triton and
 their clients speak). Outputs are returned as ``raw_output_contents``, as Triton does; without
-requested outputs every model output is returned, as the protocol says.
+requested outputs every model output is returned, as the protocol says. Triton's classification
+extension (an output's ``classification`` parameter) answers the top classes with their labels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from fpgaserve import __version__
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
@@ -40,6 +44,32 @@ def _metadata(spec) -> v2.ModelMetadataResponse.TensorMetadata:
     )
 
 
+def _class_count(output: v2.ModelInferRequest.InferRequestedOutputTensor) -> int:
+    """Triton's classification extension: ``parameters["classification"]`` (tritonclient's
+    ``class_count``) asks for the top classes instead of the scores; 0 when not asked."""
+    if "classification" not in output.parameters:
+        return 0
+    parameter = output.parameters["classification"]
+    if parameter.WhichOneof("parameter_choice") != "int64_param" or parameter.int64_param < 1:
+        raise InvalidArgument(
+            f"output {output.name!r}: parameter 'classification' must be an int64 of 1 or more "
+            "(the number of top classes)"
+        )
+    return parameter.int64_param
+
+
+def _top_classes(scores: np.ndarray, count: int, labels: Sequence[str] | None) -> np.ndarray:
+    """Triton's classification answer: per item the ``count`` best as ``score:index:label``
+    (``score:index`` without labels), best first, as BYTES."""
+    flat = scores.reshape(len(scores), -1)
+    best = np.argsort(-flat, axis=1, kind="stable")[:, :count]
+    entries = [
+        [(f"{row[i]:f}:{i}" + (f":{labels[i]}" if labels else "")).encode() for i in indices]
+        for row, indices in zip(flat, best, strict=True)
+    ]
+    return np.array(entries, dtype=object)
+
+
 class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: ServingCore) -> None:
         self.core = core
@@ -68,7 +98,9 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return self.core.call(context, "ModelReady", request.name, handle, inference=False)
 
     def ServerMetadata(self, request, context) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(name=PLATFORM, version=__version__, extensions=[])
+        return v2.ServerMetadataResponse(
+            name=PLATFORM, version=__version__, extensions=["classification"]
+        )
 
     def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
         def handle(record: dict[str, Any]) -> v2.ModelMetadataResponse:
@@ -113,8 +145,12 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             response = v2.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
+            counts = {output.name: _class_count(output) for output in request.outputs}
             for name in wanted:
-                datatype, shape, content = to_v2(results[name])
+                value = results[name]
+                if counts.get(name):
+                    value = _top_classes(value, counts[name], model.labels)
+                datatype, shape, content = to_v2(value)
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(content)
             return response

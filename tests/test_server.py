@@ -28,6 +28,7 @@ from fpgaserve.pipeline import Pipeline
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import ServerConfig
+from fpgaserve.wire import from_v2
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +243,18 @@ def test_v2_server_and_model_calls(v2_stub, expected):
     request.outputs.add(name="probabilities")
     (content,) = v2_stub.ModelInfer(request, timeout=30).raw_output_contents
     np.testing.assert_array_equal(np.frombuffer(content, "<f4"), expected["probabilities"][1])
+
+    # Triton's classification extension (tritonclient's class_count): the top classes, labelled.
+    request.outputs[0].parameters["classification"].int64_param = 3
+    response = v2_stub.ModelInfer(request, timeout=30)
+    (output,) = response.outputs
+    assert (output.datatype, list(output.shape)) == ("BYTES", [1, 3])
+    entries = from_v2(output, response.raw_output_contents[0])[0]
+    scores = expected["probabilities"][1]
+    best = np.argsort(-scores, kind="stable")[:3]
+    assert [e.decode() for e in entries] == [f"{scores[i]:f}:{i}:class{i}" for i in best]
+    request.outputs[0].parameters["classification"].string_param = "3"
+    assert error_of(v2_stub.ModelInfer, request).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _v2_request(**fields):
