@@ -62,6 +62,7 @@ def _top_classes(scores: np.ndarray, count: int, labels: Sequence[str] | None) -
     """Triton's classification answer: per item the ``count`` best as ``score:index:label``
     (``score:index`` without labels), best first, as BYTES."""
     flat = scores.reshape(len(scores), -1)
+    labels = labels if labels and len(labels) == flat.shape[1] else None  # class scores only
     best = np.argsort(-flat, axis=1, kind="stable")[:, :count]
     entries = [
         [(f"{row[i]:f}:{i}" + (f":{labels[i]}" if labels else "")).encode() for i in indices]

@@ -253,6 +253,10 @@ def test_v2_server_and_model_calls(v2_stub, expected):
     scores = expected["probabilities"][1]
     best = np.argsort(-scores, kind="stable")[:3]
     assert [e.decode() for e in entries] == [f"{scores[i]:f}:{i}:class{i}" for i in best]
+    request.outputs.add(name="features").parameters["classification"].int64_param = 2
+    response = v2_stub.ModelInfer(request, timeout=30)  # not class scores: no labels
+    assert from_v2(response.outputs[1], response.raw_output_contents[1])[0][0].count(b":") == 1
+    del request.outputs[1]
     request.outputs[0].parameters["classification"].string_param = "3"
     assert error_of(v2_stub.ModelInfer, request).code() == grpc.StatusCode.INVALID_ARGUMENT
 
