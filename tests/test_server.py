@@ -169,7 +169,7 @@ def test_bad_predicts_get_the_right_status_and_the_server_keeps_serving(stub, ca
     error = error_of(stub.Predict, make())
     assert error.code().name == code, error.details()
     assert fragment in error.details()
-    assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs["output_alias"]
+    assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs["output_alias"].float_val
 
 
 def test_metadata_status_and_classify(server):
@@ -346,7 +346,7 @@ def test_message_size_limit(archive):
         error = error_of(stub.Predict, predict_request([big]))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in error.details()
-        assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs
+        assert stub.Predict(predict_request([jpeg()]), timeout=30).outputs["output_alias"].float_val
 
 
 def test_an_answer_over_the_message_size_limit_is_refused_and_counted_as_such(tmp_path):
