@@ -186,11 +186,12 @@ class FpgaServer:
                 self.metrics.model_ready.labels(model.name, str(model.version)).set(model.ready)
             for gone in self._gauged - gauged:  # unloaded: no stale "ready" left behind
                 self.metrics.model_ready.remove(*gone)
-            for name in {model.name for model in served}:
+            served_names = {name for name, _ in gauged}
+            for name in served_names:
                 self.metrics.in_flight.labels(name).set_function(
                     functools.partial(self._images_in_flight, name)
                 )
-            for name in {name for name, _ in self._gauged} - {model.name for model in served}:
+            for name in {name for name, _ in self._gauged} - served_names:
                 self.metrics.in_flight.remove(name)
             self._gauged = gauged
 

@@ -48,22 +48,22 @@ def _model(core: ServingCore, spec: model_pb2.ModelSpec) -> ServedModel:
     return core.repository.get(name, version, spec.version_label or None)
 
 
-def _signatures(model: ServedModel) -> dict[str, Any]:
+def _signature_taking(model: ServedModel, input_name: str) -> str:
     """One signature per accepted input: ``serving_default`` takes the service input (images);
     the others are named after their input (e.g. ``preprocessed``, the featurizer input)."""
     assert model.signature is not None
-    return {
-        (DEFAULT_SIGNATURE if index == 0 else spec.name): spec
-        for index, spec in enumerate(model.signature.inputs)
-    }
+    return DEFAULT_SIGNATURE if input_name == model.signature.inputs[0].name else input_name
+
+
+def _signatures(model: ServedModel) -> dict[str, Any]:
+    return {_signature_taking(model, spec.name): spec for spec in model.signature.inputs}
 
 
 def _signature(model: ServedModel, name: str, inputs: dict[str, Any]) -> str:
     """The signature a request runs: the one it names, checked against its input, or without a
     name the one that takes its input (so the reply names what ran)."""
-    if not name:  # signatures other than the default are named after their input
-        first = model.signature.inputs[0].name
-        return next((k if k != first else DEFAULT_SIGNATURE for k in inputs), DEFAULT_SIGNATURE)
+    if not name:
+        return _signature_taking(model, next(iter(inputs), model.signature.inputs[0].name))
     signatures = _signatures(model)
     if name not in signatures:
         raise FailedPrecondition(
