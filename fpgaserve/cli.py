@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .server import FpgaServer
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -119,9 +126,6 @@ def _env(flag: str, default=None):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from .server import BatchingConfig, FpgaServer, ServerConfig, TlsConfig, VersionPolicy
     from .server.auth import load_keys
     from .server.logs import configure
@@ -154,12 +158,25 @@ def _serve(args: argparse.Namespace) -> int:
         drain_seconds=float(args.drain_seconds),
         max_connection_age_s=float(args.max_connection_age_seconds),
     )  # fmt: skip
+    return serve_until_signalled(FpgaServer(config))
+
+
+# The drain ran out of time with calls still running (their threads cannot be interrupted).
+EXIT_DRAIN_TIMED_OUT = 3
+
+
+def serve_until_signalled(server: FpgaServer) -> int:
+    """Start ``server``, drain it on SIGTERM or SIGINT, and return 0. If the drain times out,
+    end the process at once with EXIT_DRAIN_TIMED_OUT: a call stuck in a device run holds a
+    thread that Python would otherwise wait for at exit, forever."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    server = FpgaServer(config).start()
+    server.start()
     stop.wait()
-    server.stop()
+    if not server.stop():
+        logging.shutdown()  # flush the logs; os._exit skips every exit handler
+        os._exit(EXIT_DRAIN_TIMED_OUT)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,23 +223,32 @@ class FpgaServer:
         )
         return self
 
-    def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new RPCs, let accepted ones finish (up to ``grace``
-        seconds), then unload every model and release the device."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Report NOT_SERVING, refuse new RPCs, let accepted ones finish, then unload every model
+        and release the device, all within ``grace`` seconds (and 1 s for gRPC to close).
+        False when some call was still running then: its thread is stuck (in a device run
+        that never returned, say) and only ending the process frees it."""
         if self._stopped.is_set():
-            return
+            return True
         self._stopped.set()
         grace = self.config.drain_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         self.core.draining = True
         self._update_health()
         log.info("draining: finishing accepted requests (up to %.0f s)", grace)
-        if not self.core.drain(grace):
-            log.warning("drain timed out after %.0f s; cancelling what is left", grace)
+        drained = self.core.drain(grace)
+        if not drained:
+            log.error(
+                "drain timed out after %.0f s with %d calls still running; cancelling them",
+                grace,
+                self.core.active,
+            )
         self.grpc.stop(1.0).wait()
-        self.repository.close(grace)
+        self.repository.close(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
         self._close_device()
         log.info("stopped")
+        return drained
 
     def _close_device(self) -> None:
         if self._owns_device:

@@ -131,6 +131,11 @@ class ServingCore:
         self._active = 0
         self._idle = threading.Condition()
 
+    @property
+    def active(self) -> int:
+        """Inference calls accepted and not yet answered."""
+        return self._active
+
     def drain(self, timeout: float) -> bool:
         """Answer new calls UNAVAILABLE (clients retry elsewhere) and wait for the calls already
         accepted to finish; True when they all did."""

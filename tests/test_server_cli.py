@@ -72,6 +72,65 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path):
     assert len(requests) == 4 and all(r["code"] == "OK" and r["request_id"] for r in requests)
 
 
+# A server whose device hangs once loaded: the gate closes after warmup and never reopens.
+HUNG_DEVICE_SERVER = """
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from servers import GatedDevice
+from fpgaserve.cli import serve_until_signalled
+from fpgaserve.server import FpgaServer, ServerConfig
+from fpgaserve.server.logs import configure
+
+configure("json")
+device = GatedDevice()
+config = ServerConfig(archives=[Path({archive!r})], host="localhost", port={port},
+                      metrics_port=None, drain_seconds=2)
+server = FpgaServer(config, device)
+
+def hang_once_loaded():
+    server.repository.wait_loaded(120)
+    device.gate.clear()
+    print("loaded", flush=True)
+
+threading.Thread(target=hang_once_loaded, daemon=True).start()
+sys.exit(serve_until_signalled(server))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_hung_device_exits_after_the_drain_time(tmp_path):
+    """A device run that never returns must not keep the process alive past --drain-seconds:
+    Kubernetes would otherwise wait out its grace period and kill it without logs."""
+    archive, port = tiny_archive(tmp_path / "tiny.zip"), free_port()
+    script = HUNG_DEVICE_SERVER.format(
+        tests=str(Path(__file__).parent), archive=str(archive), port=port
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline() == "loaded\n", server.stderr.read()
+        with grpc.insecure_channel(f"localhost:{port}") as ch, ThreadPoolExecutor(1) as pool:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            call = pool.submit(stub.Predict, predict_request([jpeg()]), timeout=120)
+            time.sleep(1.0)  # the call is in the device
+            server.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert server.wait(30) == 3  # EXIT_DRAIN_TIMED_OUT
+            assert time.monotonic() - started < 10  # 2 s of drain, 1 s for gRPC, start-up
+            with pytest.raises(grpc.RpcError) as failed:
+                call.result(30)
+            assert failed.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    logs = [json.loads(line) for line in server.stderr.read().splitlines() if line.startswith("{")]
+    assert any("drain timed out" in entry["message"] for entry in logs)
+    assert logs[-1]["message"] == "stopped"
+
+
 def test_serve_reports_configuration_errors_in_one_line(tmp_path):
     missing = subprocess.run(
         [*FPGASERVE, "serve", str(tmp_path / "nope.zip"), "--port", str(free_port())],
