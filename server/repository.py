@@ -114,6 +114,7 @@ class ModelRepository:
         self._loading: dict[tuple[str, int], ServedModel] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._fixed: dict[str, Candidate] = {}
+        self._duplicates: set[Path] = set()  # version folders already reported as ignored
         for path in archives:
             name = check_model_name(str(read_manifest(path)["name"]))
             if name in self._fixed:
@@ -198,7 +199,13 @@ class ModelRepository:
             rows = {v: (v, m.state, m.error) for (n, v), m in self._loading.items() if n == name}
             rows |= {v: (v, m.state, m.error) for v, m in self._models.get(name, {}).items()}
             for (known, version), (_, error) in self._failed.items():
-                if known == name and version not in rows:
+                if known != name:
+                    continue
+                if version in rows:  # a new file for a serving version failed to load
+                    state = rows[version][1]
+                    error = f"still serving the previous file: its replacement failed: {error}"
+                    rows[version] = (version, state, error)
+                else:
                     rows[version] = (version, END, error)
         if not rows:
             raise NotFound(f"model {name!r} is not served here; models: {self.names()}")
@@ -251,14 +258,28 @@ class ModelRepository:
                 log.warning("ignoring %s: it links outside the model repository", folder)
                 continue
             versions = {}
-            for sub in folder.iterdir():
+            # "1" before "01" before "001": when several folders name one version, the plainest
+            # is served, the same one on every scan, and the others are reported once.
+            for sub in sorted(folder.iterdir(), key=lambda sub: (len(sub.name), sub.name)):
                 archive = sub / ARCHIVE_FILE
                 if _version_folder(sub.name) and archive.is_file() and self._inside(archive):
+                    if int(sub.name) in versions:
+                        self._report_duplicate(archive, versions[int(sub.name)].path)
+                        continue
                     versions[int(sub.name)] = Candidate.of(archive)
             if versions:
                 found[folder.name] = versions
             self._read_labels(folder)
         return found
+
+    def _report_duplicate(self, ignored: Path, served: Path) -> None:
+        if ignored not in self._duplicates:
+            self._duplicates.add(ignored)
+            log.error(
+                "ignoring %s: %s has the same version number; remove or renumber one",
+                ignored,
+                served,
+            )
 
     def _inside(self, path: Path) -> bool:
         """Links are followed only while they stay inside the repository (as a mounted
@@ -315,6 +336,16 @@ class ModelRepository:
             for name in set(self._labels) - set(found):
                 del self._labels[name]
 
+    def _for_clients(self, error: str) -> str:
+        """A load error as status calls show it: paths relative to the repository, so that
+        clients learn which archive failed but not how the server's disk is laid out."""
+        folders = {str(self.root.resolve()), str(self.root)} if self.root else set()
+        for folder in sorted(folders, key=len, reverse=True):  # the longer may contain the other
+            error = error.replace(folder + "/", "")
+        for candidate in self._fixed.values():
+            error = error.replace(str(candidate.path), candidate.path.name)
+        return error
+
     def _known_bad(self, name: str, version: int, candidate: Candidate) -> bool:
         """This very file failed before; it is retried only once it changes."""
         failed = self._failed.get((name, version))
@@ -335,7 +366,7 @@ class ModelRepository:
             log.error("model %s version %d failed to load: %s", name, version, exc)
             with self._lock:
                 del self._loading[(name, version)]
-                self._failed[(name, version)] = (candidate, str(exc))
+                self._failed[(name, version)] = (candidate, self._for_clients(str(exc)))
             return
         with self._lock:
             del self._loading[(name, version)]

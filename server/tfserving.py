@@ -234,8 +234,10 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                     )
             response = get_model_status_pb2.GetModelStatusResponse()
             for version, state, error in rows:
+                # An AVAILABLE version with an error is fine: its replacement failed.
+                failed = error and state == "END"
                 status = status_pb2.StatusProto(
-                    error_code=_UNKNOWN_ERROR if error else 0, error_message=error
+                    error_code=_UNKNOWN_ERROR if failed else 0, error_message=error
                 )
                 response.model_version_status.add(
                     version=version, state=_STATE.Value(state), status=status

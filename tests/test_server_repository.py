@@ -20,7 +20,8 @@ from tensorflow_serving.apis import (
 )
 from test_server import predict_request
 
-from fpgaserve.server import ServerConfig, VersionPolicy
+from fpgaserve.hal.emulator.device import EmulatorDevice
+from fpgaserve.server import BatchingConfig, ModelRepository, ServerConfig, VersionPolicy
 from fpgaserve.server.repository import Candidate
 
 State = get_model_status_pb2.ModelVersionStatus
@@ -32,7 +33,7 @@ def archives(tmp_path_factory) -> dict[int, Path]:
     return {seed: tiny_archive(folder / f"v{seed}.zip", seed=seed) for seed in (1, 2)}
 
 
-def place(root: Path, version: int, source: Path | bytes, name: str = "tiny") -> None:
+def place(root: Path, version: int | str, source: Path | bytes, name: str = "tiny") -> None:
     folder = root / name / str(version)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.zip"
@@ -74,6 +75,7 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
         eventually(lambda: statuses(ch).get(3, (State.UNKNOWN, ""))[0] in settled)
         state, error = statuses(ch)[3]
         assert state == State.END and "not a readable zip archive" in error
+        assert "tiny/3/model.zip" in error and str(tmp_path) not in error  # no server paths
         assert statuses(ch)[2] == (State.AVAILABLE, "")
         assert served_version(ch) == 2  # the broken version never took over
         with pytest.raises(grpc.RpcError) as info:  # not retryable: the archive needs fixing
@@ -83,6 +85,15 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
 
         place(root, 3, archives[1])  # fixed: the new file is retried
         eventually(lambda: statuses(ch) == {3: (State.AVAILABLE, "")})
+        place(root, 3, b"a broken replacement")  # version 3 keeps serving, and says why
+        eventually(lambda: statuses(ch)[3][1] != "")
+        state, error = statuses(ch)[3]
+        assert state == State.AVAILABLE and error.startswith("still serving the previous file")
+        assert served_version(ch, version=3) == 3
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "tiny"
+        reply = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(request, timeout=10)
+        assert reply.model_version_status[0].status.error_code == 0  # OK: it is serving
 
         place(root, 7, b"broken, then deleted")
         eventually(lambda: 7 in statuses(ch))
@@ -110,6 +121,19 @@ def test_a_new_file_of_the_same_size_and_time_counts_as_changed(tmp_path):
     staged.rename(target)
     assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
     assert Candidate.of(target) != before
+
+
+def test_folders_naming_the_same_version_serve_the_plainest_and_say_so(tmp_path, caplog):
+    root = tmp_path / "models"
+    for folder in ("001", "1", "01", "2"):
+        place(root, folder, b"not read by a scan")
+    repository = ModelRepository(EmulatorDevice(), BatchingConfig(), root=root)
+    for _ in range(2):
+        found = repository.scan()
+    assert {v: c.path.parent.name for v, c in found["tiny"].items()} == {1: "1", 2: "2"}
+    ignored = [r.getMessage() for r in caplog.records if "same version number" in r.getMessage()]
+    assert len(ignored) == 2  # 01 and 001, once each however often the folder is scanned
+    assert all("tiny/1/model.zip has the same version number" in m for m in ignored)
 
 
 def metrics(server) -> str:
