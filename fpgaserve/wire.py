@@ -96,6 +96,26 @@ def _is_strings(array: np.ndarray) -> bool:
 # -- TensorFlow Serving ------------------------------------------------------------------------
 
 
+# A compact TensorProto expands to at most this many elements: as many float32s as the
+# default message limit (64 MiB) carries written out.
+MAX_COMPACT_ELEMENTS = 2**24
+
+
+def _filled(name: str, values: Sequence, shape: Sequence[int]) -> Sequence:
+    """TensorFlow's compact encoding: fewer values than the shape holds, the last repeated to
+    fill it (``tf.make_tensor_proto(0.5, shape=[1, 224, 224, 3])`` sends one value), as
+    TensorFlow Serving reads it. No values at all is still an error, not a tensor of zeros."""
+    count = _count(name, shape)
+    if not 0 < len(values) < count:
+        return values
+    if count > MAX_COMPACT_ELEMENTS:
+        raise WireError(
+            f"tensor {name!r}: {len(values)} values repeated to fill shape {list(shape)} would "
+            f"make {count} elements, over the limit of {MAX_COMPACT_ELEMENTS}"
+        )
+    return [*values, *[values[-1]] * (count - len(values))]
+
+
 def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     """A TensorProto as an array: strings as an object array of bytes, floats as float32."""
     types_pb2 = _tf()[2]
@@ -103,7 +123,7 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
         raise WireError(f"tensor {name!r}: give its shape (unknown rank is not accepted)")
     shape = [dim.size for dim in proto.tensor_shape.dim]
     if proto.dtype == types_pb2.DT_STRING:
-        return _strings(name, proto.string_val, shape)
+        return _strings(name, _filled(name, proto.string_val, shape), shape)
     floats = _tf_floats()
     if proto.dtype not in floats:
         known = proto.dtype in types_pb2.DataType.values()
@@ -115,7 +135,7 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     dtype, field = floats[proto.dtype]
     if proto.tensor_content:
         return _as_float32(_from_bytes(name, proto.tensor_content, dtype, shape))
-    values = getattr(proto, field)
+    values = _filled(name, getattr(proto, field), shape)
     if dtype is np.float16:  # half_val holds the raw 16-bit patterns as ints
         bits = _from_values(name, values, np.uint16, shape)
         return _as_float32(bits.view(np.float16))

@@ -4,9 +4,12 @@ requests are built."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from fpgaserve.wire import from_tensor_proto, to_tensor_proto
+from fpgaserve.wire import MAX_COMPACT_ELEMENTS, WireError, from_tensor_proto, to_tensor_proto
 
 
 def test_a_tensor_written_into_a_message_replaces_what_was_there():
@@ -25,3 +28,48 @@ def test_images_written_into_a_request_keep_their_bytes_and_shape():
     to_tensor_proto(images, request.inputs["images"])
     decoded = from_tensor_proto("images", request.inputs["images"])
     assert decoded.shape == (2,) and list(decoded) == list(images)
+
+
+def _compact(dtype: int, field: str, values: list, shape: list[int]) -> tensor_pb2.TensorProto:
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in shape]
+    proto = tensor_pb2.TensorProto(
+        dtype=dtype, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims)
+    )
+    getattr(proto, field).extend(values)
+    return proto
+
+
+@pytest.mark.parametrize(
+    "proto",
+    [
+        tf.make_tensor_proto(0.5, shape=[1, 2, 2, 3]),  # what TensorFlow itself sends
+        _compact(types_pb2.DT_FLOAT, "float_val", [1.0, 2.0], [2, 3]),
+        _compact(types_pb2.DT_DOUBLE, "double_val", [1.0, -3.0], [5]),
+        _compact(types_pb2.DT_HALF, "half_val", [np.float16(1.5).view(np.uint16)], [4]),
+        _compact(types_pb2.DT_STRING, "string_val", [b"\xff\xd8a", b"\xff\xd8b"], [3]),
+    ],
+    ids=["make_tensor_proto", "float", "double", "half", "strings"],
+)
+def test_compact_tensors_are_read_as_tensorflow_reads_them(proto):
+    """Fewer values than the shape holds: the last repeats (TensorFlow Serving accepts it)."""
+    expected = tf.make_ndarray(proto)
+    decoded = from_tensor_proto("x", proto)
+    assert decoded.shape == expected.shape
+    if expected.dtype == object:
+        assert list(decoded) == list(expected)
+    else:
+        np.testing.assert_array_equal(decoded, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("values", "shape", "error"),
+    [
+        ([], [3], "0 values do not fill shape [3]"),  # not a tensor of zeros
+        ([1.0, 2.0, 3.0], [2], "3 values do not fill shape [2]"),
+        ([1.0], [MAX_COMPACT_ELEMENTS + 1], "over the limit"),
+    ],
+)
+def test_compact_tensors_need_values_and_a_bounded_size(values, shape, error):
+    proto = _compact(types_pb2.DT_FLOAT, "float_val", values, shape)
+    with pytest.raises(WireError, match=error.replace("[", r"\[").replace("]", r"\]")):
+        from_tensor_proto("x", proto)
