@@ -136,20 +136,25 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: classification_pb2.ClassificationRequest, context
     ) -> classification_pb2.ClassificationResponse:
         """Each tf.Example carries one image as a bytes feature named like the service input
-        (``images``); the answer lists every class, most likely first, with its label."""
+        (``images``), or takes it from the list's context as TensorFlow Serving merges them; the
+        answer lists every class, most likely first, with its label."""
 
         def handle(record: dict[str, Any]) -> classification_pb2.ClassificationResponse:
             model = _model(self.core, request.model_spec)
             key = model.signature.inputs[0].name
             signature = _signature(model, request.model_spec.signature_name, {key: None})
-            examples = list(request.input.example_list.examples) or list(
-                request.input.example_list_with_context.examples
-            )
+            shared = request.input.example_list_with_context
+            if request.input.WhichOneof("kind") == "example_list_with_context":
+                examples, common = shared.examples, shared.context.features.feature
+            else:
+                examples, common = request.input.example_list.examples, {}
             if not examples:
                 raise InvalidArgument("the request carries no examples; send one per image")
             images = []
             for index, example in enumerate(examples):
-                values = example.features.feature[key].bytes_list.value
+                own = example.features.feature  # an example's own feature wins over the context's
+                feature = own[key] if key in own else common.get(key)
+                values = feature.bytes_list.value if feature is not None else ()
                 if len(values) != 1:
                     raise InvalidArgument(
                         f"example {index} needs exactly one image in bytes feature {key!r}"

@@ -204,6 +204,21 @@ def test_metadata_status_and_classify(server):
         assert len(scores) == len(CLASSES) and scores == sorted(scores, reverse=True)
         assert {c.label for c in result.classes} == set(CLASSES)
 
+        # With a context, as TensorFlow Serving merges it: an example's own image wins.
+        shared = classification_pb2.ClassificationRequest()
+        shared.model_spec.name = "tiny"
+        listed = shared.input.example_list_with_context
+        listed.context.features.feature["images"].bytes_list.value.append(jpeg(0))
+        listed.examples.add()  # the context's image
+        listed.examples.add().features.feature["images"].bytes_list.value.append(jpeg(1))
+        first, second = prediction.Classify(shared, timeout=30).result.classifications
+        assert first == result
+        classify.input.example_list.examples[0].features.feature["images"].bytes_list.value[0] = (
+            jpeg(1)
+        )
+        (alone,) = prediction.Classify(classify, timeout=30).result.classifications
+        assert second == alone and alone != result
+
 
 # -- KServe v2 ---------------------------------------------------------------------------------
 
