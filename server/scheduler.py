@@ -342,7 +342,22 @@ class Scheduler:
                 self._upstream[later] -= 1
             if self._in_flight == 0:
                 self._idle.notify_all()
+        error = error or _not_finite(job.outputs)
         if error is None:
             job.future.set_result(job.outputs)
         else:
             job.future.set_exception(error)
+
+
+def _not_finite(outputs: dict[str, np.ndarray]) -> InvalidArgument | None:
+    """NaN or infinity in an answer: finite inputs far outside the range the model expects
+    overflowed float32 inside it. Answering those values would be a silent wrong answer."""
+    for name, value in outputs.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            items = sorted({int(i) for i in np.nonzero(~np.isfinite(value))[0]})
+            return InvalidArgument(
+                f"output {name!r} is not finite (NaN or infinity) for items {items[:10]} of the "
+                "request: their values overflowed float32 inside the model; send inputs in the "
+                "range the model's preprocessing produces"
+            )
+    return None

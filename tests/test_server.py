@@ -134,6 +134,8 @@ BAD_PREDICTS = [
      np.float32))), "INVALID_ARGUMENT", "[N, 224, 224, 3]"),
     ("NaN input", lambda: _with_input("preprocessed", tf.make_tensor_proto(np.full((1, 224, 224, 3),
      np.nan, np.float32))), "INVALID_ARGUMENT", "NaN"),
+    ("input overflowing the model", lambda: _with_input("preprocessed", tf.make_tensor_proto(
+     np.full((2, 224, 224, 3), 1e37, np.float32))), "INVALID_ARGUMENT", "not finite"),
     ("unknown input", lambda: _with_input("pixels", tf.make_tensor_proto([b"x"])),
      "INVALID_ARGUMENT", "no input 'pixels'"),
     ("unknown output", lambda: _with_filter("logits"), "INVALID_ARGUMENT", "logits"),
