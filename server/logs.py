@@ -1,4 +1,6 @@
-"""Structured logs: one JSON object per line, with the request id when there is one."""
+"""Structured logs: one JSON object per line, with the request id when there is one; or text
+for people, with the same fields as key=value. Either way one record is one line, whatever a
+client sent (a newline in a model name cannot forge a line)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ from typing import TextIO
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -21,20 +27,43 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update(_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    plain = text and not any(c.isspace() or c in '"=' for c in text)
+    return text if plain else json.dumps(text)
+
+
+def _one_line(text: str) -> str:
+    """Control characters (newlines included) written as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """The record's line, then our fields as key=value (values with spaces or quotes quoted);
+    a traceback, which only the server writes, follows on its own lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
+        line = super().formatMessage(record)
+        return _one_line(f"{line} {fields}" if fields else line)
 
 
 def configure(fmt: str = "json", level: int = logging.INFO, stream: TextIO | None = None) -> None:
     """Route the ``fpgaserve`` loggers to ``stream`` (default stderr) as JSON (``fmt="json"``)
     or plain text."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logger = logging.getLogger("fpgaserve")
     logger.handlers[:] = [handler]
     logger.setLevel(level)
