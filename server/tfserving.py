@@ -143,9 +143,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             model = _model(self.core, request.model_spec)
             key = model.signature.inputs[0].name
             signature = _signature(model, request.model_spec.signature_name, {key: None})
-            shared = request.input.example_list_with_context
             if request.input.WhichOneof("kind") == "example_list_with_context":
-                examples, common = shared.examples, shared.context.features.feature
+                listed = request.input.example_list_with_context
+                examples, common = listed.examples, listed.context.features.feature
             else:
                 examples, common = request.input.example_list.examples, {}
             if not examples:
