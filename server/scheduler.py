@@ -83,6 +83,8 @@ class Job:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     submitted: float = field(default_factory=time.perf_counter)
+    # When the job became ready for its next stage: the wait from here on counts as "queue".
+    ready_since: float = field(default_factory=time.perf_counter)
     _cancelled: bool = False
 
     def cancel(self) -> None:
@@ -283,8 +285,7 @@ class Scheduler:
         return self._run_batch(index, self.stages[index], live)
 
     def _still_wanted(self, job: Job, index: int, now: float) -> bool:
-        if index == job.start:
-            job.timings["queue"] = now - job.submitted
+        job.add_time("queue", now - job.ready_since)  # before any stage, not only the first
         # The deadline first: a call past it has ended too, but not because its client left.
         if job.deadline is not None and time.monotonic() > job.deadline:
             self._finish(
@@ -316,7 +317,8 @@ class Scheduler:
             return []
         if index == self.device_stage:
             self._on_success()
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
+        elapsed = finished - started
         extra = stage.profile()
         offset, moving = 0, []
         for job in jobs:
@@ -330,7 +332,7 @@ class Scheduler:
             if index == job.last:
                 self._finish(job, index, None)
             else:
-                job.value = part
+                job.value, job.ready_since = part, finished
                 moving.append(job)
         return moving
 

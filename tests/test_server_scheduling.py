@@ -169,6 +169,29 @@ def test_server_timing_trailer_adds_up(archive):
     assert seconds["total"] >= stages - 3e-6  # each figure is rounded to the microsecond
 
 
+def test_waiting_for_a_busy_device_counts_as_queue_time(archive):
+    """Found in review: only the wait before the first stage was counted, so under load the
+    queue histogram stayed near 0 while total grew."""
+    device = GatedDevice()
+    with running(ServerConfig(archives=[archive]), device) as server, channel(server) as ch, \
+            ThreadPoolExecutor(2) as pool:  # fmt: skip
+        scheduler = server.repository.get("tiny").scheduler
+        device.gate.clear()
+        first = pool.submit(stub_of(ch).Predict, predict_request([jpeg(0)]), timeout=60)
+        wait_for_runs(scheduler, 1)
+        second = pool.submit(stub_of(ch).Predict.with_call, predict_request([jpeg(1)]), timeout=60)
+        wait_for_runs(scheduler, 2)
+        time.sleep(0.5)  # the second request is preprocessed and waits for the device
+        device.gate.set()
+        first.result()
+        _, call = second.result()
+    (timing,) = [value for key, value in call.trailing_metadata() if key == SERVER_TIMING]
+    seconds = parse_server_timing(timing)
+    assert seconds["queue"] >= 0.4
+    parts = sum(seconds[name] for name in ("queue", "preprocess", "device", "classify"))
+    assert parts == pytest.approx(seconds["total"], abs=0.02)  # where the time went, all of it
+
+
 # -- the scheduler on its own: which thread runs what ----------------------------------------
 
 
