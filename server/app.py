@@ -125,7 +125,9 @@ class FpgaServer:
         ]
         age = age if self.config.max_connection_age_s > 0 else []
         interceptors = (
-            [BearerTokenInterceptor(self.config.auth_keys)] if self.config.auth_keys else []
+            [BearerTokenInterceptor(self.config.auth_keys, self.core)]
+            if self.config.auth_keys
+            else []
         )
         server = grpc.server(
             ThreadPoolExecutor(self.config.threads + RESERVED_THREADS, thread_name_prefix="grpc"),

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from .core import refusing
+from .core import ServingCore
+from .errors import Unauthenticated
 
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 KEYS_ENV = "FPGASERVE_AUTH_KEYS"
@@ -37,12 +38,20 @@ def load_keys(path: Path | None, environ: dict[str, str] | None = None) -> list[
     return [key.encode() for key in keys]
 
 
-def _aborting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that refuses the call."""
+UNAUTHENTICATED_MESSAGE = (
+    "missing or invalid credentials: send the metadata 'authorization: Bearer <key>' with a key "
+    "this server accepts"
+)
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler, core: ServingCore, method: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that refuses the call, counted and
+    logged by ``core`` (failed logins show in the metrics and the access log)."""
 
     def refuse(request, context: grpc.ServicerContext):
-        refusing(context)
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        core.refuse(context, method, Unauthenticated(UNAUTHENTICATED_MESSAGE))
 
     factory: Callable = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -54,8 +63,8 @@ def _aborting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    def __init__(self, keys: Iterable[bytes]) -> None:
-        self._keys = list(keys)
+    def __init__(self, keys: Iterable[bytes], core: ServingCore) -> None:
+        self._keys, self._core = list(keys), core
         if not self._keys:
             raise ValueError("bearer-token authentication needs at least one key")
 
@@ -76,8 +85,5 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return handler
         if self._authorized(handler_call_details.invocation_metadata or ()):
             return handler
-        return _aborting(
-            handler,
-            "missing or invalid credentials: send the metadata 'authorization: Bearer "
-            "<key>' with a key this server accepts",
-        )
+        method = handler_call_details.method.rpartition("/")[2]  # a served method: a known name
+        return _refusing(handler, self._core, method)

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -23,7 +23,13 @@ from google.protobuf.message import DecodeError
 
 from fpgaserve.wire import WireError
 
-from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
 from .metrics import Metrics
 from .model import ServedModel
 from .repository import ModelRepository
@@ -42,32 +48,35 @@ RETRYABLE = grpc.StatusCode.UNAVAILABLE
 SERVER_TIMING = "server-timing"
 
 
-def parsing_handler(servicer: object, module: Any) -> grpc.GenericRpcHandler:
+def parsing_handler(servicer: Any, module: Any) -> grpc.GenericRpcHandler:
     """The handlers of the one service in generated ``module``, parsing requests themselves: a
     request that is not a valid message (corrupt bytes, a string field that is not UTF-8) gets
-    INVALID_ARGUMENT, where grpcio's own parsing would answer INTERNAL."""
+    INVALID_ARGUMENT, where grpcio's own parsing would answer INTERNAL. ``servicer.core`` counts
+    and logs that refusal like any other answer."""
     (service,) = module.DESCRIPTOR.services_by_name.values()
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(getattr(servicer, method.name), request_class),
+            _parsing(servicer.core, method.name, getattr(servicer, method.name), request_class),
             response_serializer=response_class.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _parsing(behaviour: Callable, request_class: type) -> Callable:
+def _parsing(core: ServingCore, method: str, behaviour: Callable, request_class: type) -> Callable:
     def handle(raw: bytes, context: grpc.ServicerContext):
         try:
             request = request_class.FromString(raw)
         except DecodeError as exc:
-            refusing(context)
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {request_class.DESCRIPTOR.full_name} message "
-                f"({exc}); check the client's protocol and that string fields are UTF-8",
+            core.refuse(
+                context,
+                method,
+                InvalidArgument(
+                    f"the request is not a valid {request_class.DESCRIPTOR.full_name} message "
+                    f"({exc}); check the client's protocol and that string fields are UTF-8"
+                ),
             )
         return behaviour(request, context)
 
@@ -142,6 +151,16 @@ class ServingCore:
         with self._idle:
             self.draining = True
             return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def refuse(self, context: grpc.ServicerContext, method: str, error: ServingError) -> NoReturn:
+        """Answer a call refused before it names a model (bad credentials, a message that does
+        not parse) with ``error``: counted, logged and given its request id like any other."""
+
+        def handle(record: dict[str, Any]) -> NoReturn:
+            raise error
+
+        self.call(context, method, "", handle, inference=False)
+        raise AssertionError("unreachable: call aborts")
 
     def call(
         self,

@@ -56,6 +56,10 @@ class Cancelled(ServingError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 def as_serving_error(exc: BaseException) -> ServingError:
     """The status a failure inside a pipeline stage deserves."""
     if isinstance(exc, ServingError):

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -187,6 +188,38 @@ def test_every_rpc_but_health_needs_a_token(archive, caplog):
     records = [f"{r.getMessage()} {vars(r)}" for r in caplog.records]
     assert records, "the server logs requests"
     assert not [r for r in records if KEY[:-1] in r or "wrong-key" in r]
+
+
+def test_refused_logins_and_unparsable_requests_are_counted_logged_and_given_their_id(
+    archive, caplog
+):
+    """Found in review: calls refused before they reached a model (by the token check, or a
+    message that does not parse) were missing from the metrics and the access log, and a
+    refused login lost its request id."""
+    caplog.set_level(logging.INFO, logger="fpgaserve.access")
+    config = ServerConfig(archives=[archive], auth_keys=[KEY.encode()])
+    with running(config) as server, channel(server) as ch:
+        path = "/tensorflow.serving.PredictionService/Predict"
+        calls = {
+            "rid-login": ([], predict_request([jpeg()]).SerializeToString()),
+            "rid-bytes": ([("authorization", f"Bearer {KEY}")], b"\xff\xff not a message"),
+        }
+        for rid, (metadata, data) in calls.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                ch.unary_unary(path)(data, timeout=30, metadata=[*metadata, ("x-request-id", rid)])
+            assert ("x-request-id", rid) in refused.value.trailing_metadata()
+            assert ("request_id", rid) in refused.value.initial_metadata()  # Brainwave's clients
+        counted = 'fpgaserve_requests_total{code="%s",method="Predict",model="unknown"} 1.0'
+        codes = ("UNAUTHENTICATED", "INVALID_ARGUMENT")
+        eventually(lambda: all(counted % code in _metrics(server) for code in codes))
+    lines = {r.request_id: r.code for r in caplog.records if r.name == "fpgaserve.access"}
+    assert lines["rid-login"] == "UNAUTHENTICATED" and lines["rid-bytes"] == "INVALID_ARGUMENT"
+
+
+def _metrics(server) -> str:
+    url = f"http://localhost:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 # -- names, versions and the repository --------------------------------------------------------
