@@ -68,6 +68,17 @@ def _from_bytes(name: str, data: bytes, dtype: type, shape: Sequence[int]) -> np
     return np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
+def _admitted(name: str, shape: Sequence[int], max_elements: int | None) -> None:
+    """Refuse a shape larger than a request may carry before reading any content: decoding
+    (or expanding) millions of elements first would let a small request cost seconds."""
+    count = _count(name, shape)
+    if max_elements is not None and count > max_elements:
+        raise WireError(
+            f"tensor {name!r}: shape {list(shape)} holds {count} elements, more than one "
+            f"request may carry ({max_elements}); split it into smaller requests"
+        )
+
+
 def _from_values(name: str, values, dtype: type, shape: Sequence[int]) -> np.ndarray:
     if len(values) != _count(name, shape):
         raise WireError(f"tensor {name!r}: {len(values)} values do not fill shape {list(shape)}")
@@ -101,10 +112,11 @@ def _is_strings(array: np.ndarray) -> bool:
 MAX_COMPACT_ELEMENTS = 2**24
 
 
-def _filled(name: str, values: Sequence, shape: Sequence[int]) -> Sequence:
+def _filled(name: str, values: Sequence, shape: Sequence[int], dtype: type | None) -> Sequence:
     """TensorFlow's compact encoding: fewer values than the shape holds, the last repeated to
     fill it (``tf.make_tensor_proto(0.5, shape=[1, 224, 224, 3])`` sends one value), as
-    TensorFlow Serving reads it. No values at all is still an error, not a tensor of zeros."""
+    TensorFlow Serving reads it. No values at all is still an error, not a tensor of zeros.
+    Numbers are filled by NumPy (``dtype``), strings (``None``) as a list."""
     count = _count(name, shape)
     if not 0 < len(values) < count:
         return values
@@ -113,17 +125,22 @@ def _filled(name: str, values: Sequence, shape: Sequence[int]) -> Sequence:
             f"tensor {name!r}: {len(values)} values repeated to fill shape {list(shape)} would "
             f"make {count} elements, over the limit of {MAX_COMPACT_ELEMENTS}"
         )
-    return [*values, *[values[-1]] * (count - len(values))]
+    if dtype is None:
+        return [*values, *[values[-1]] * (count - len(values))]
+    given = np.asarray(values, dtype)
+    return np.concatenate([given, np.full(count - len(given), given[-1], dtype)])
 
 
-def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
-    """A TensorProto as an array: strings as an object array of bytes, floats as float32."""
+def from_tensor_proto(name: str, proto: Any, max_elements: int | None = None) -> np.ndarray:
+    """A TensorProto as an array: strings as an object array of bytes, floats as float32. A
+    shape of more than ``max_elements`` is refused before its content is read."""
     types_pb2 = _tf()[2]
     if proto.tensor_shape.unknown_rank:
         raise WireError(f"tensor {name!r}: give its shape (unknown rank is not accepted)")
     shape = [dim.size for dim in proto.tensor_shape.dim]
+    _admitted(name, shape, max_elements)
     if proto.dtype == types_pb2.DT_STRING:
-        return _strings(name, _filled(name, proto.string_val, shape), shape)
+        return _strings(name, _filled(name, proto.string_val, shape, None), shape)
     floats = _tf_floats()
     if proto.dtype not in floats:
         known = proto.dtype in types_pb2.DataType.values()
@@ -135,10 +152,15 @@ def from_tensor_proto(name: str, proto: Any) -> np.ndarray:
     dtype, field = floats[proto.dtype]
     if proto.tensor_content:
         return _as_float32(_from_bytes(name, proto.tensor_content, dtype, shape))
-    values = _filled(name, getattr(proto, field), shape)
-    if dtype is np.float16:  # half_val holds the raw 16-bit patterns as ints
-        bits = _from_values(name, values, np.uint16, shape)
-        return _as_float32(bits.view(np.float16))
+    if dtype is np.float16:  # half_val holds the 16-bit patterns, as ints
+        bits = _from_values(name, _filled(name, proto.half_val, shape, np.int64), np.int64, shape)
+        if bits.size and not 0 <= bits.min() <= bits.max() <= 0xFFFF:
+            raise WireError(
+                f"tensor {name!r}: half_val holds values outside 0..65535; it carries the "
+                "16-bit patterns of float16 values"
+            )
+        return _as_float32(bits.astype(np.uint16).view(np.float16))
+    values = _filled(name, getattr(proto, field), shape, dtype)
     return _as_float32(_from_values(name, values, dtype, shape))
 
 
@@ -209,9 +231,11 @@ def _v2_bytes_elements(name: str, raw: bytes, shape: Sequence[int]) -> np.ndarra
     return _strings(name, elements, shape)
 
 
-def from_v2(tensor: Any, raw: bytes | None) -> np.ndarray:
-    """A v2 input or output tensor, from its typed contents or its raw contents entry."""
+def from_v2(tensor: Any, raw: bytes | None, max_elements: int | None = None) -> np.ndarray:
+    """A v2 input or output tensor, from its typed contents or its raw contents entry. A shape
+    of more than ``max_elements`` is refused before its content is read."""
     name, shape, datatype = tensor.name, list(tensor.shape), tensor.datatype
+    _admitted(name, shape, max_elements)
     if raw is not None and tensor.HasField("contents"):
         raise WireError(f"tensor {name!r}: give raw contents or typed contents, not both")
     if datatype == "BYTES":

@@ -136,7 +136,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             for index, tensor in enumerate(request.inputs):
                 if tensor.name in inputs:
                     raise InvalidArgument(f"input {tensor.name!r} is given twice")
-                inputs[tensor.name] = from_v2(tensor, raw[index] if raw else None)
+                limit = model.max_elements(tensor.name)
+                inputs[tensor.name] = from_v2(tensor, raw[index] if raw else None, limit)
             wanted = [output.name for output in request.outputs] or [
                 spec.name for spec in model.signature.outputs
             ]

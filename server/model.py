@@ -8,6 +8,7 @@ END with the error kept for ``GetModelStatus``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from fpgaserve.pipeline import Pipeline, TensorSpec
 
 from .errors import InvalidArgument, Unavailable
 from .images import DEFAULT_MAX_PIXELS, check_images
-from .scheduler import BatchingConfig, Job, Scheduler, StageSpec
+from .scheduler import BatchingConfig, Job, Scheduler, StageSpec, check_request_size
 
 log = logging.getLogger("fpgaserve.server")
 
@@ -160,6 +161,7 @@ class ServedModel:
         ((name, value),) = inputs.items()
         spec, start = self._input(name)
         value = _conform(spec, value)
+        self.check_items(len(value))  # before any per-image work
         if spec.dtype == "string":
             check_images(value.ravel(), self.max_image_pixels)
         wanted = list(outputs) if outputs else [self.signature.default_output]
@@ -179,6 +181,16 @@ class ServedModel:
             caller_gone=caller_gone,
         )
         return scheduler.submit(job)
+
+    def check_items(self, count: int) -> None:
+        """Refuse a request of more items (images) than this model admits at once."""
+        check_request_size(count, self.batching)
+
+    def max_elements(self, name: str) -> int:
+        """The most elements input ``name`` may hold in one request: adapters refuse a larger
+        tensor before decoding it."""
+        spec, _ = self._input(name)
+        return self.batching.max_queue_size * math.prod(size or 1 for size in spec.shape[1:])
 
     def _input(self, name: str) -> tuple[TensorSpec, int]:
         for index, spec in enumerate(self.signature.inputs):

@@ -51,6 +51,15 @@ class BatchingConfig:
             )
 
 
+def check_request_size(size: int, config: BatchingConfig) -> None:
+    """More items than the queue holds could never be admitted: the client's error."""
+    if size > config.max_queue_size:
+        raise InvalidArgument(
+            f"a request may carry at most {config.max_queue_size} images; got {size}: split it "
+            "into smaller requests"
+        )
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage as the scheduler sees it: a batch function and where its time is reported."""
@@ -143,11 +152,7 @@ class Scheduler:
     def submit(self, job: Job) -> Job:
         """Admit ``job`` or refuse it at once; the answer arrives on ``job.future``. The stages
         that are idle when the job reaches them run on the calling thread."""
-        if job.size > self.config.max_queue_size:
-            raise InvalidArgument(
-                f"a request may carry at most {self.config.max_queue_size} images; "
-                f"got {job.size}: split it into smaller requests"
-            )
+        check_request_size(job.size, self.config)
         with self._lock:
             if not self._accepting:
                 raise Unavailable(f"model {self.name} is shutting down; retry on another replica")

@@ -119,7 +119,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         def handle(record: dict[str, Any]) -> predict_pb2.PredictResponse:
             model = _model(self.core, request.model_spec)
-            inputs = {name: from_tensor_proto(name, t) for name, t in request.inputs.items()}
+            inputs = {
+                name: from_tensor_proto(name, tensor, model.max_elements(name))
+                for name, tensor in request.inputs.items()
+            }
             signature = _signature(model, request.model_spec.signature_name, inputs)
             aliases = _aliases(model, request.output_filter)
             wanted = list(dict.fromkeys(aliases.values()))
@@ -150,6 +153,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 examples, common = request.input.example_list.examples, {}
             if not examples:
                 raise InvalidArgument("the request carries no examples; send one per image")
+            model.check_items(len(examples))
             images = []
             for index, example in enumerate(examples):
                 own = example.features.feature  # an example's own feature wins over the context's

@@ -28,6 +28,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from servers import GatedDevice, channel, eventually, jpeg, png, running, status_of
+from tensorflow.core.framework import tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -35,6 +36,7 @@ from tensorflow_serving.apis import (
     model_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
+    predict_pb2,
     prediction_service_pb2,
     prediction_service_pb2_grpc,
 )
@@ -458,6 +460,60 @@ def test_odd_version_folders_are_ignored(tmp_path, archive, folder):
 def plain_server(archive):
     with running(ServerConfig(archives=[archive])) as server:
         yield server
+
+
+def _declaring(name: str, dims: list[int], **content) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    tensor = request.inputs[name]
+    tensor.dtype = types_pb2.DT_STRING if name == "images" else types_pb2.DT_FLOAT
+    tensor.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims)
+    for field, values in content.items():
+        getattr(tensor, field).extend(values)
+    return request
+
+
+def _contextual_images(count: int) -> classification_pb2.ClassificationRequest:
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "tiny"
+    for _ in range(count):
+        request.input.example_list_with_context.examples.add()  # 2 bytes each, no image
+    return request
+
+
+# Found in review: each of these requests is a few bytes (or, for the last two, packs millions of
+# items into the message limit), and each cost the server seconds of CPU and hundreds of MiB
+# before the item limit refused it: the tensor was expanded or decoded, and every image header
+# parsed, first. They are now refused from their declared size, before anything is decoded.
+HUGE_DECLARATIONS = [
+    ("compact images", lambda: _declaring("images", [2**24], string_val=[SMALL_JPEG]),
+     "more than one request may carry (64)"),
+    ("compact floats", lambda: _declaring("preprocessed", [111, 224, 224, 3], float_val=[0.5]),
+     "more than one request may carry (9633792)"),
+    ("empty strings", lambda: _declaring("images", [10**6], string_val=[b""] * 10**6),
+     "more than one request may carry (64)"),
+    ("v2 raw BYTES", lambda: v2.ModelInferRequest(
+        model_name="tiny", inputs=[v2.ModelInferRequest.InferInputTensor(
+            name="images", datatype="BYTES", shape=[10**6])],
+        raw_input_contents=[b"\0\0\0\0" * 10**6]),
+     "more than one request may carry (64)"),
+    ("examples sharing nothing", lambda: _contextual_images(65), "at most 64 images; got 65"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HUGE_DECLARATIONS, ids=[case[0] for case in HUGE_DECLARATIONS])
+def test_requests_declaring_huge_tensors_are_refused_before_decoding(plain_server, case):
+    _, make, fragment = case
+    request = make()
+    with channel(plain_server) as ch:
+        if isinstance(request, v2.ModelInferRequest):
+            call = v2_grpc.GRPCInferenceServiceStub(ch).ModelInfer
+        elif isinstance(request, classification_pb2.ClassificationRequest):
+            call = prediction_service_pb2_grpc.PredictionServiceStub(ch).Classify
+        else:
+            call = prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict
+        code, details, _ = status_of(call, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in details, details
 
 
 @pytest.mark.parametrize(

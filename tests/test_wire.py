@@ -73,3 +73,19 @@ def test_compact_tensors_need_values_and_a_bounded_size(values, shape, error):
     proto = _compact(types_pb2.DT_FLOAT, "float_val", values, shape)
     with pytest.raises(WireError, match=error.replace("[", r"\[").replace("]", r"\]")):
         from_tensor_proto("x", proto)
+
+
+@pytest.mark.parametrize("shape", [[1], [3]], ids=["whole", "compact"])
+def test_half_values_outside_16_bits_are_refused(shape):
+    """Found in review: NumPy raised OverflowError (the server answered INTERNAL) or, from a
+    protobuf container, wrapped the value silently to another float16."""
+    proto = _compact(types_pb2.DT_HALF, "half_val", [70000], shape)
+    with pytest.raises(WireError, match=r"outside 0\.\.65535"):
+        from_tensor_proto("x", proto)
+
+
+def test_a_shape_over_the_callers_limit_is_refused_before_its_content_is_read():
+    proto = _compact(types_pb2.DT_FLOAT, "float_val", [1.0], [4, 5])
+    assert from_tensor_proto("x", proto, max_elements=20).shape == (4, 5)
+    with pytest.raises(WireError, match=r"holds 20 elements, more than one request may carry"):
+        from_tensor_proto("x", proto, max_elements=19)
