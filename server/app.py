@@ -26,7 +26,7 @@ from .kserve import InferenceService
 from .metrics import Metrics
 from .model import ServedModel
 from .repository import ModelRepository, VersionPolicy
-from .scheduler import BatchingConfig
+from .scheduler import BatchingConfig, remaining
 from .tfserving import ModelService, PredictionService
 
 log = logging.getLogger("fpgaserve.server")
@@ -228,8 +228,8 @@ class FpgaServer:
     def stop(self, grace: float | None = None) -> bool:
         """Report NOT_SERVING, refuse new RPCs, let accepted ones finish, then unload every model
         and release the device, all within ``grace`` seconds (and 1 s for gRPC to close).
-        False when some call was still running then: its thread is stuck (in a device run
-        that never returned, say) and only ending the process frees it."""
+        False when some call or model stage was still running then: its thread is stuck (in
+        a device run that never returned, say) and only ending the process frees it."""
         if self._stopped.is_set():
             return True
         self._stopped.set()
@@ -246,11 +246,13 @@ class FpgaServer:
                 self.core.active,
             )
         self.grpc.stop(1.0).wait()
-        self.repository.close(max(0.0, deadline - time.monotonic()))
+        unloaded = self.repository.close(remaining(deadline))
+        if drained and not unloaded:  # a stage still running for a caller that already left
+            log.error("stop timed out after %.0f s with a model stage still running", grace)
         self.metrics.close()
         self._close_device()
         log.info("stopped")
-        return drained
+        return drained and unloaded
 
     def _close_device(self) -> None:
         if self._owns_device:

@@ -201,22 +201,24 @@ class ServedModel:
             f"{[spec.name for spec in self.signature.inputs]}"
         )
 
-    def unload(self, timeout: float | None = None) -> None:
-        """Drain in-flight requests (up to ``timeout`` seconds), then release the device."""
+    def unload(self, timeout: float | None = None) -> bool:
+        """Drain in-flight requests, then release the device, within ``timeout`` seconds. False
+        when a request or a stage was still running then."""
         if self.state in (UNLOADING, END):
-            return
+            return True
         self.state = UNLOADING
         self._on_health()
-        self._release(timeout)
+        clean = self._release(timeout)
         self.state = END
         self._on_health()
+        return clean
 
-    def _release(self, timeout: float | None = None) -> None:
-        if self.scheduler is not None:
-            self.scheduler.close(timeout)
+    def _release(self, timeout: float | None = None) -> bool:
+        clean = self.scheduler is None or self.scheduler.close(timeout)
         if self.pipeline is not None:
             self.pipeline.close()
         self.scheduler = self.pipeline = None
+        return clean
 
     def _warmup(self) -> None:
         """Trace every TensorFlow function and touch the device once at batch 1 and at the

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from fpgaserve.pipeline import read_manifest
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .model import AVAILABLE, END, ServedModel
-from .scheduler import BatchingConfig
+from .scheduler import BatchingConfig, remaining
 
 log = logging.getLogger("fpgaserve.server")
 
@@ -395,10 +396,12 @@ class ModelRepository:
             log.info("unloading model %s version %d", model.name, model.version)
             model.unload()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop polling, drain and unload every version."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop polling, drain and unload every version, all within ``timeout`` seconds. False
+        when some version was still running a request or a stage then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout)
-        for model in self.served():
-            model.unload(timeout)
+        unloaded = [model.unload(remaining(deadline)) for model in self.served()]
+        return all(unloaded)

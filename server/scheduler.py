@@ -51,6 +51,11 @@ class BatchingConfig:
             )
 
 
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (time.monotonic), never negative; None: no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def check_request_size(size: int, config: BatchingConfig) -> None:
     """More items than the queue holds could never be admitted: the client's error."""
     if size > config.max_queue_size:
@@ -173,15 +178,18 @@ class Scheduler:
             self._accepting = False
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Drain, then stop the worker threads."""
-        self.drain(timeout)
+    def close(self, timeout: float | None = None) -> bool:
+        """Drain, then stop the worker threads, all within ``timeout`` seconds. False when a
+        job or a worker was still running then (stuck in a device run, say)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = self.drain(timeout)
         for queue in self._queues:
             with queue.ready:
                 queue.jobs.append(None)  # type: ignore[arg-type]  # the stop signal
                 queue.ready.notify()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(remaining(deadline))
+        return drained and not any(thread.is_alive() for thread in self._threads)
 
     # -- the caller's thread -----------------------------------------------------------------
 
