@@ -46,17 +46,26 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def _quoted_message(record: logging.LogRecord) -> str:
+    """The message with its string arguments quoted where they hold spaces, quotes or '=': a
+    model name such as 'x code=OK' cannot pass for a field of the line."""
+    if not isinstance(record.args, tuple) or not record.args:
+        return record.getMessage()
+    args = tuple(_text_value(a) if isinstance(a, str) else a for a in record.args)
+    return str(record.msg) % args
+
+
 class TextFormatter(logging.Formatter):
     """The record's line, then our fields as key=value (values with spaces or quotes quoted);
     a traceback, which only the server writes, follows on its own lines."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
-        line = super().formatMessage(record)
-        return _one_line(f"{line} {fields}" if fields else line)
+    def format(self, record: logging.LogRecord) -> str:
+        fields = "".join(f" {k}={_text_value(v)}" for k, v in _fields(record).items())
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: "
+        line = _one_line(line + _quoted_message(record) + fields)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def configure(fmt: str = "json", level: int = logging.INFO, stream: TextIO | None = None) -> None:

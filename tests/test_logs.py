@@ -10,8 +10,9 @@ import pytest
 
 from fpgaserve.server.logs import configure
 
-# A model name as a hostile client might send it: it reaches the access log.
+# Model names as a hostile client might send them: they reach the access log.
 FORGED = 'tiny\n2026-01-01 00:00:00,000 ERROR fpgaserve.server: "forged"'
+FIELDS = "tiny code=OK request_id=forged"
 
 
 @pytest.fixture
@@ -38,13 +39,14 @@ def test_text_lines_carry_the_fields_and_cannot_be_forged(captured):
         raise RuntimeError("boom")
     except RuntimeError:
         logging.getLogger("fpgaserve.server").exception("request %s failed", "r2")
-    first, *traceback = captured.getvalue().splitlines()
-    assert (
-        first.startswith("20")
-        and "INFO fpgaserve.access: Predict tiny\\n2026-01-01 00:00:00,000 ERROR" in first
-    )
+    access_line(FIELDS)
+    first, *traceback, forged = captured.getvalue().splitlines()
+    assert first.startswith("20")
+    assert 'INFO fpgaserve.access: Predict "tiny\\n2026-01-01 00:00:00,000 ERROR' in first
     assert 'request_id=r1 model="tiny\\n2026-01-01 00:00:00,000 ERROR ' in first
     assert first.endswith("version=None ms=1.25")
+    # Found in review: a model name could plant earlier code= and request_id= pairs.
+    assert 'Predict "tiny code=OK request_id=forged" NOT_FOUND request_id=r1 ' in forged
     assert "ERROR fpgaserve.server: request r2 failed" in traceback[0]
     assert traceback[-1] == "RuntimeError: boom"  # the server's own traceback keeps its lines
 
