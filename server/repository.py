@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from fpgaserve.hal import Device
 from fpgaserve.pipeline import read_manifest
+from fpgaserve.pipeline.runtime import EXTRACTED_PREFIX
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .model import AVAILABLE, END, ServedModel
@@ -30,6 +33,10 @@ log = logging.getLogger("fpgaserve.server")
 ARCHIVE_FILE = "model.zip"
 LABELS_FILE = "version_labels.json"  # optional, per model: {"stable": 1, "canary": 2}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Where archives are extracted while they load; errors from TensorFlow quote these paths.
+_EXTRACTED = re.compile(
+    re.escape(os.path.join(tempfile.gettempdir(), EXTRACTED_PREFIX)) + r"[^/\s]*/"
+)
 
 
 def _version_folder(name: str) -> bool:
@@ -345,7 +352,7 @@ class ModelRepository:
             error = error.replace(folder + "/", "")
         for candidate in self._fixed.values():
             error = error.replace(str(candidate.path), candidate.path.name)
-        return error
+        return _EXTRACTED.sub("", error)  # "stages/2-classifier/..." names the archive's member
 
     def _known_bad(self, name: str, version: int, candidate: Candidate) -> bool:
         """This very file failed before; it is retried only once it changes."""

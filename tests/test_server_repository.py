@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -134,6 +137,32 @@ def test_folders_naming_the_same_version_serve_the_plainest_and_say_so(tmp_path,
     ignored = [r.getMessage() for r in caplog.records if "same version number" in r.getMessage()]
     assert len(ignored) == 2  # 01 and 001, once each however often the folder is scanned
     assert all("tiny/1/model.zip has the same version number" in m for m in ignored)
+
+
+def without_member(source: Path, member: str) -> bytes:
+    """``source`` without ``member``, its manifest's list and checksums still consistent, so
+    that validation passes and loading fails in TensorFlow."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(buffer, "w") as out:
+        manifest = json.loads(archive.read("manifest.json"))
+        del manifest["members"][member]
+        out.writestr("manifest.json", json.dumps(manifest))
+        for info in archive.infolist():
+            if info.filename not in ("manifest.json", member):
+                out.writestr(info.filename, archive.read(info.filename))
+    return buffer.getvalue()
+
+
+def test_load_errors_never_show_the_servers_paths(archives, tmp_path):
+    """Found in review: TensorFlow's errors quoted the temporary folder the archive was
+    extracted to."""
+    root = tmp_path / "models"
+    member = "stages/2-classifier/variables/variables.index"
+    place(root, 1, without_member(archives[1], member))
+    with running(ServerConfig(model_repository=root)) as server, channel(server) as ch:
+        state, error = statuses(ch)[1]
+    assert state == State.END and "stages/2-classifier/variables/variables" in error
+    assert tempfile.gettempdir() not in error and str(tmp_path) not in error, error
 
 
 def metrics(server) -> str:

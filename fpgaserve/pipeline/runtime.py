@@ -99,6 +99,11 @@ def _labels(path: Path, output: TensorSpec) -> list[str] | None:
     return labels
 
 
+# An archive is extracted to a temporary folder named so (the server hides these paths from
+# clients).
+EXTRACTED_PREFIX = "fpgaserve-"
+
+
 class Pipeline:
     """The stages of an archive, ready to run on a device. Close it (or use ``with``)."""
 
@@ -121,7 +126,7 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, device: str | Device = "emulator",
              limits: Limits = DEFAULT_LIMITS) -> Pipeline:  # fmt: skip
-        folder = tempfile.TemporaryDirectory(prefix="fpgaserve-")
+        folder = tempfile.TemporaryDirectory(prefix=EXTRACTED_PREFIX)
         try:
             manifest = extract(path, Path(folder.name), limits)
             owns = isinstance(device, str)
