@@ -48,6 +48,14 @@ class ChannelSettings:
     max_backoff_s: float = 5.0
     extra_metadata: tuple[tuple[str, str], ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        # Certificates without TLS would be ignored, and a token sent in the clear.
+        tls_files = (self.root_certificates, self.certificate_chain, self.private_key)
+        if any(tls_files) and not self.use_ssl:
+            raise ValueError("certificates or a key are given but use_ssl is False; set it")
+        if bool(self.certificate_chain) != bool(self.private_key):
+            raise ValueError("mutual TLS needs both the client certificate and its key")
+
     @classmethod
     def from_files(
         cls,
@@ -57,6 +65,8 @@ class ChannelSettings:
         key: str | Path | None = None,
         **kwargs,
     ) -> ChannelSettings:
+        """Settings from PEM files; giving any of them turns TLS on."""
+        kwargs.setdefault("use_ssl", any((ca, cert, key)))
         return cls(
             address,
             root_certificates=_read(ca),

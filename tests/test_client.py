@@ -25,8 +25,10 @@ from fpgaserve.client import (
     imagenet_labels,
     top_k,
 )
-from fpgaserve.client.channel import target
+from fpgaserve.client.channel import ChannelSettings, target
 from fpgaserve.pipeline import ModelDefinition, Pipeline, QuantizedMobileNet
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
+from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import ServerConfig, TlsConfig
 
 PHOTO = "n01440764_tench.JPEG"
@@ -206,6 +208,17 @@ def test_tls_with_a_custom_ca_and_a_bearer_token(archive, tmp_path):
         with untrusted, pytest.raises(PredictionError) as info:
             untrusted.score_image(jpeg(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Found in review: from_files left TLS off, so a token went out in the clear.
+        settings = ChannelSettings.from_files(f"localhost:{port}", ca=pki["ca"], access_token="k3y")
+        with settings.open() as channel:
+            live = v2_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+                v2.ServerLiveRequest(), metadata=settings.metadata, timeout=30
+            )
+            assert live.live
+    with pytest.raises(ValueError, match="use_ssl is False"):
+        ChannelSettings("localhost:8500", root_certificates=ca)
+    with pytest.raises(ValueError, match="both the client certificate and its key"):
+        ChannelSettings("localhost:8500", True, ca, certificate_chain=ca)
 
 
 # -- asyncio and the light install -------------------------------------------------------------
