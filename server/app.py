@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,26 @@ class TlsConfig:
     key: Path
     client_ca: Path | None = None
 
+    def check(self) -> None:
+        """Say which file is wrong: gRPC would only fail to bind the port, naming none."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:  # the password callback keeps OpenSSL from prompting for an encrypted key's
+            context.load_cert_chain(self.cert, self.key, password=lambda: b"")
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"TLS: {self.cert} and {self.key} must be a PEM certificate and its own, "
+                f"unencrypted private key ({exc.reason or exc})"
+            ) from None
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(self.client_ca)
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    f"TLS: {self.client_ca} must hold PEM CA certificates ({exc.reason or exc})"
+                ) from None
+
     def credentials(self) -> grpc.ServerCredentials:
+        self.check()
         return grpc.ssl_server_credentials(
             [(self.key.read_bytes(), self.cert.read_bytes())],
             root_certificates=self.client_ca.read_bytes() if self.client_ca else None,

@@ -108,7 +108,13 @@ class Metrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks a free one)."""
-        server, _thread = start_http_server(port, host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); is the port in "
+                "use? choose another with --metrics-port, or -1 for none"
+            ) from None
         self._http = server
         return server.server_port
 

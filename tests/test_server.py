@@ -3,6 +3,7 @@ v2 stubs, and the gRPC health and reflection clients."""
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 
 import grpc
@@ -28,6 +29,7 @@ from fpgaserve.pipeline import Pipeline
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import ServerConfig
+from fpgaserve.server.metrics import Metrics
 from fpgaserve.wire import from_v2
 
 
@@ -352,6 +354,18 @@ def test_health_reflection_and_metrics(server, stub):
     )
     for stage in ("queue", "preprocess", "device", "classify", "total"):
         assert f'fpgaserve_stage_seconds_bucket{{le="0.1",model="tiny",stage="{stage}"}}' in text
+
+
+def test_a_busy_metrics_port_is_named_at_start():
+    """Found in review: the error was a bare '[Errno 98] Address already in use'."""
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            OSError, match=f"cannot serve metrics on localhost:{port} .*--metrics-port"
+        ):
+            Metrics().serve(port, "localhost")
 
 
 def test_message_size_limit(archive):

@@ -75,6 +75,30 @@ def test_tls_and_mutual_tls(archive, pki, tmp_path):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_bad_tls_files_are_named_at_start(archive, pki, tmp_path, capsys):
+    """Found in review: gRPC only said it failed to bind the port."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    TlsConfig(pki["server"], pki["server_key"], pki["ca"]).check()
+    for tls, fragment in [
+        (TlsConfig(pki["server"], pki["client_key"]), "its own, unencrypted private key"),
+        (TlsConfig(garbage, pki["server_key"]), "must be a PEM certificate"),
+        (TlsConfig(pki["server"], pki["server_key"], garbage), "must hold PEM CA certificates"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            tls.check()
+    serve = ["serve", str(archive), "--port", "0", "--metrics-port", "-1"]
+    tls = ["--tls-cert", str(pki["server"]), "--tls-key", str(pki["client_key"])]
+    logger = logging.getLogger("fpgaserve")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        assert cli_main([*serve, *tls]) == 1
+    finally:  # serve configures the process's logging: leave it as the other tests expect
+        logger.handlers[:], logger.level, logger.propagate = saved
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fpgaserve serve: error: TLS:") and str(pki["client_key"]) in error
+
+
 def test_bearer_tokens_guard_every_rpc_but_health(archive, caplog):
     caplog.set_level(logging.INFO, logger="fpgaserve")
     config = ServerConfig(archives=[archive], auth_keys=[b"other-key", KEY.encode()])
