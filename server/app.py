@@ -114,6 +114,7 @@ class FpgaServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._health_lock = threading.Lock()
         self._known_models: set[str] = set()
+        self._health_sent: dict[str, int] = {}  # service -> the status last set
         self._gauged: set[tuple[str, str]] = set()  # (model, version) with a ready gauge
         try:
             self.repository = ModelRepository(
@@ -197,12 +198,11 @@ class FpgaServer:
             draining = self.core.draining
             for name in names | self._known_models:
                 ok = name in names and self.repository.model_ready(name) and not draining
-                self.health.set(name, SERVING if ok else NOT_SERVING)
+                self._set_health(name, SERVING if ok else NOT_SERVING)
             self._known_models = names
             ready = self.repository.ready() and not draining
-            self.health.set("", SERVING if ready else NOT_SERVING)
-            for service in SERVICE_NAMES:
-                self.health.set(service, SERVING if ready else NOT_SERVING)
+            for service in ("", *SERVICE_NAMES):
+                self._set_health(service, SERVING if ready else NOT_SERVING)
             served = self.repository.served()
             gauged = {(model.name, str(model.version)) for model in served}
             for model in served:
@@ -217,6 +217,13 @@ class FpgaServer:
             for name in {name for name, _ in self._gauged} - served_names:
                 self.metrics.in_flight.remove(name)
             self._gauged = gauged
+
+    def _set_health(self, service: str, status: int) -> None:
+        """Only changes: every set reaches every Watch stream, and the health protocol sends
+        a status when it changes."""
+        if self._health_sent.get(service) != status:
+            self._health_sent[service] = status
+            self.health.set(service, status)
 
     def _images_in_flight(self, name: str) -> int:
         """Over every served version of ``name``."""

@@ -27,7 +27,7 @@ def load_keys(path: Path | None, environ: dict[str, str] | None = None) -> list[
     environ = os.environ if environ is None else environ
     keys = [key.strip() for key in environ.get(KEYS_ENV, "").split(",")]
     if path is not None:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # an editor's BOM is no key
         keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
     keys = [key for key in keys if key]
     # Asked for authentication but given no key: refuse to start rather than serve openly.

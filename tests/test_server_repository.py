@@ -190,6 +190,21 @@ def test_policy_all_serves_every_version(archives, tmp_path):
         assert served_version(ch) == 2
 
 
+def test_health_watch_sends_a_status_only_when_it_changes(archives, tmp_path):
+    """Found in review: every rescan of the repository sent SERVING again to every watcher."""
+    root = tmp_path / "models"
+    place(root, 1, archives[1])
+    config = ServerConfig(model_repository=root, poll_seconds=0.1)
+    with running(config) as server, channel(server) as ch:
+        request = health_pb2.HealthCheckRequest(service="tiny")
+        stream = health_pb2_grpc.HealthStub(ch).Watch(request, timeout=1.5)  # 15 rescans
+        seen = []
+        with pytest.raises(grpc.RpcError) as ended:
+            seen.extend(reply.status for reply in stream)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seen == [health_pb2.HealthCheckResponse.SERVING]
+
+
 def test_health_is_not_serving_while_loading(archives, tmp_path):
     device = GatedDevice()
     device.gate.clear()  # warmup cannot finish

@@ -160,3 +160,5 @@ def test_keys_come_from_a_file_and_the_environment(tmp_path):
     with pytest.raises(ValueError, match="FPGASERVE_AUTH_KEYS is set but holds no keys"):
         load_keys(None, {"FPGASERVE_AUTH_KEYS": " , "})  # not a server open to all
     assert load_keys(None, {}) == []  # no authentication asked for
+    path.write_text("\ufeffkey-one\n", encoding="utf-8")  # as some editors save it
+    assert load_keys(path, {}) == [b"key-one"]  # found in review: the BOM was part of the key
