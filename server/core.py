@@ -83,11 +83,11 @@ def _parsing(core: ServingCore, method: str, behaviour: Callable, request_class:
     return handle
 
 
-def refusing(context: grpc.ServicerContext, rid: str | None = None) -> None:
+def refusing(context: grpc.ServicerContext, rid: str) -> None:
     """Before an error status other than ``RETRYABLE``: the request id as initial metadata,
     where Brainwave's clients look for it."""
     with contextlib.suppress(grpc.RpcError, ValueError):  # the call has already ended
-        context.send_initial_metadata(((BRAINWAVE_REQUEST_ID, rid or request_id(context)),))
+        context.send_initial_metadata(((BRAINWAVE_REQUEST_ID, rid),))
 
 
 def server_timing(timings: dict[str, float]) -> str:

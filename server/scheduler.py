@@ -98,8 +98,11 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     submitted: float = field(default_factory=time.perf_counter)
     # When the job became ready for its next stage: the wait from here on counts as "queue".
-    ready_since: float = field(default_factory=time.perf_counter)
+    ready_since: float = field(init=False)
     _cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.ready_since = self.submitted
 
     def cancel(self) -> None:
         """The caller stopped waiting; the job is dropped before its next stage."""

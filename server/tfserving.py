@@ -30,7 +30,7 @@ from fpgaserve.wire import from_tensor_proto, tf_dtype, to_tensor_proto
 
 from .core import ServingCore
 from .errors import FailedPrecondition, InvalidArgument, ServingError
-from .model import ServedModel
+from .model import END, ServedModel
 
 DEFAULT_SIGNATURE = "serving_default"
 # Brainwave's service answered Predict with one output under this alias, and its clients (Python,
@@ -244,7 +244,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             response = get_model_status_pb2.GetModelStatusResponse()
             for version, state, error in rows:
                 # An AVAILABLE version with an error is fine: its replacement failed.
-                failed = error and state == "END"
+                failed = error and state == END
                 status = status_pb2.StatusProto(
                     error_code=_UNKNOWN_ERROR if failed else 0, error_message=error
                 )

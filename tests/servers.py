@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,6 +158,13 @@ def status_of(call, request, **kwargs) -> tuple[grpc.StatusCode, str, object]:
         return grpc.StatusCode.OK, "", call(request, **kwargs)
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or "", None
+
+
+def metrics(server: FpgaServer) -> str:
+    """The server's /metrics page, as Prometheus scrapes it."""
+    url = f"http://localhost:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 def requests_counted(server: FpgaServer, method: str, code: str, model: str = "tiny") -> float:

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import GatedDevice, channel, eventually, jpeg, png, running, status_of
+from servers import GatedDevice, channel, eventually, jpeg, metrics, png, running, status_of
 from tensorflow.core.framework import tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -213,15 +212,9 @@ def test_refused_logins_and_unparsable_requests_are_counted_logged_and_given_the
             assert ("request_id", rid) in refused.value.initial_metadata()  # Brainwave's clients
         counted = 'fpgaserve_requests_total{code="%s",method="Predict",model="unknown"} 1.0'
         codes = ("UNAUTHENTICATED", "INVALID_ARGUMENT")
-        eventually(lambda: all(counted % code in _metrics(server) for code in codes))
+        eventually(lambda: all(counted % code in metrics(server) for code in codes))
     lines = {r.request_id: r.code for r in caplog.records if r.name == "fpgaserve.access"}
     assert lines["rid-login"] == "UNAUTHENTICATED" and lines["rid-bytes"] == "INVALID_ARGUMENT"
-
-
-def _metrics(server) -> str:
-    url = f"http://localhost:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return reply.read().decode()
 
 
 # -- names, versions and the repository --------------------------------------------------------

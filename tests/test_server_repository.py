@@ -8,14 +8,13 @@ import os
 import re
 import shutil
 import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import GatedDevice, channel, eventually, jpeg, running, tiny_archive
+from servers import GatedDevice, channel, eventually, jpeg, metrics, running, tiny_archive
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -163,12 +162,6 @@ def test_load_errors_never_show_the_servers_paths(archives, tmp_path):
         state, error = statuses(ch)[1]
     assert state == State.END and "stages/2-classifier/variables/variables" in error
     assert tempfile.gettempdir() not in error and str(tmp_path) not in error, error
-
-
-def metrics(server) -> str:
-    url = f"http://localhost:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return reply.read().decode()
 
 
 def _not_found(ch) -> str | None:
