@@ -263,13 +263,20 @@ class ServedModel:
             self._probe_lock.release()
 
 
+# The type as each protocol's clients know it.
+_TYPE_NAMES = {
+    "string": "string (TF Serving DT_STRING, v2 BYTES)",
+    "float32": "float32 (TF Serving DT_FLOAT, v2 FP32)",
+}
+
+
 def _conform(spec: TensorSpec, value: Any) -> Any:
     """Check a decoded request tensor against ``spec`` (dtype, rank, fixed dims, batch >= 1)."""
     array = np.asarray(value)
     want = "string" if spec.dtype == "string" else "float32"
     got = "string" if array.dtype == object or array.dtype.kind in "SU" else str(array.dtype)
     if got != want:
-        raise InvalidArgument(f"input {spec.name!r} must be {want}, got {got}")
+        raise InvalidArgument(f"input {spec.name!r} must be {_TYPE_NAMES[want]}, got {got}")
     if array.ndim != len(spec.shape):
         raise InvalidArgument(
             f"input {spec.name!r} must have shape {_shape(spec.shape)}, got {list(array.shape)}"
