@@ -149,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         version_policy=VersionPolicy.parse(args.version_policy),
         poll_seconds=float(args.poll_seconds),
+        max_concurrent_calls=int(args.max_concurrent_calls),
         max_message_bytes=int(float(args.max_message_mb) * 2**20),
         max_image_pixels=int(args.max_image_pixels),
         tls=TlsConfig(Path(args.tls_cert), Path(args.tls_key),
@@ -299,6 +300,12 @@ def _add_serve(commands) -> None:
         help="images in flight per model before RESOURCE_EXHAUSTED (default 64)",
     )
     serve.add_argument(
+        "--max-concurrent-calls",
+        default=_env("max-concurrent-calls", 64),
+        help="inference calls handled at once, all models together, before RESOURCE_EXHAUSTED "
+        "(default 64; each holds a thread)",
+    )
+    serve.add_argument(
         "--max-message-mb",
         default=_env("max-message-mb", 64),
         help="largest request or response in MiB (default 64)",
@@ -354,7 +361,11 @@ def _add_serve(commands) -> None:
         "--tls-cert", default=_env("health-tls-cert"), help="client certificate (mTLS)"
     )
     health.add_argument("--tls-key", default=_env("health-tls-key"), help="client key (mTLS)")
-    health.add_argument("--tls-server-name", help="name in the server certificate, if not the host")
+    health.add_argument(
+        "--tls-server-name",
+        default=_env("health-tls-server-name"),
+        help="name in the server certificate, if not the host",
+    )
     health.set_defaults(handler=_health)
 
 

@@ -93,7 +93,7 @@ class ServerConfig:
     poll_seconds: float = 5.0
     max_message_bytes: int = 64 * 2**20
     max_image_pixels: int = DEFAULT_MAX_PIXELS
-    threads: int = 64
+    max_concurrent_calls: int = 64  # inference calls; more get RESOURCE_EXHAUSTED at once
     tls: TlsConfig | None = None
     auth_keys: list[bytes] = field(default_factory=list)
     drain_seconds: float = 30.0
@@ -101,6 +101,10 @@ class ServerConfig:
     # traffic (gRPC keeps one connection per backend). 0: never.
     max_connection_age_s: float = 0.0
     warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_calls < 1:
+            raise ValueError("max_concurrent_calls (--max-concurrent-calls) must be at least 1")
 
 
 class FpgaServer:
@@ -131,7 +135,7 @@ class FpgaServer:
             self._close_device()
             raise
         self.core = ServingCore(
-            self.repository, self.metrics, config.threads, config.max_message_bytes
+            self.repository, self.metrics, config.max_concurrent_calls, config.max_message_bytes
         )
         self.grpc = self._build_grpc()
         self.port = self._bind()
@@ -150,8 +154,9 @@ class FpgaServer:
             if self.config.auth_keys
             else []
         )
+        threads = self.config.max_concurrent_calls + RESERVED_THREADS
         server = grpc.server(
-            ThreadPoolExecutor(self.config.threads + RESERVED_THREADS, thread_name_prefix="grpc"),
+            ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -159,9 +164,10 @@ class FpgaServer:
                 ("grpc.so_reuseport", 0),
                 *age,
             ],
-            # A hard bound; model calls are refused earlier (ServingCore, at `threads`), so that
-            # health checks and reflection keep RESERVED_THREADS of their own under any load.
-            maximum_concurrent_rpcs=self.config.threads + RESERVED_THREADS,
+            # A hard bound; model calls are refused earlier (ServingCore, at
+            # max_concurrent_calls), so that health checks and reflection keep
+            # RESERVED_THREADS of their own under any load.
+            maximum_concurrent_rpcs=threads,
         )
         server.add_generic_rpc_handlers((
             parsing_handler(PredictionService(self.core), prediction_service_pb2),

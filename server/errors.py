@@ -60,6 +60,10 @@ class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Unimplemented(ServingError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 def as_serving_error(exc: BaseException) -> ServingError:
     """The status a failure inside a pipeline stage deserves."""
     if isinstance(exc, ServingError):

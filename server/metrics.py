@@ -7,9 +7,16 @@ total), so p50/p99 are read with ``histogram_quantile`` rather than averaged awa
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+METRICS_PATH = "/metrics"
 
 # 100 us .. 60 s: the server's own overhead sits at the low end, a ResNet-152 batch on the
 # emulator at the high end.
@@ -109,12 +116,16 @@ class Metrics:
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks a free one)."""
         try:
-            server, _thread = start_http_server(port, host, registry=self.registry)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+            app = _only_metrics(make_wsgi_app(self.registry))
+            server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         except OSError as exc:
             raise OSError(
                 f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); is the port in "
                 "use? choose another with --metrics-port, or -1 for none"
             ) from None
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._http = server
         return server.server_port
 
@@ -122,3 +133,23 @@ class Metrics:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes are not worth a stderr line each (the JSON logs carry what matters)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _only_metrics(app: Callable) -> Callable:
+    """prometheus-client's app answers every path with the metrics; a probe or a typo pointed
+    at another path should learn where they are instead."""
+
+    def routed(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") in (METRICS_PATH, METRICS_PATH + "/"):
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found; the metrics are at {METRICS_PATH}\n".encode()]
+
+    return routed

@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
 from fpgaserve.wire import from_tensor_proto, tf_dtype, to_tensor_proto
 
 from .core import ServingCore
-from .errors import FailedPrecondition, InvalidArgument, ServingError
+from .errors import FailedPrecondition, InvalidArgument, ServingError, Unimplemented
 from .model import END, ServedModel
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -210,15 +210,19 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         )
 
     def Regress(self, request, context):
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Regress is not served: fpgaserve models classify; use Predict or Classify",
+        self.core.refuse(
+            context,
+            "Regress",
+            Unimplemented(
+                "Regress is not served: fpgaserve models classify; use Predict or Classify"
+            ),
         )
 
     def MultiInference(self, request, context):
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "MultiInference is not served; send one Predict or Classify per task",
+        self.core.refuse(
+            context,
+            "MultiInference",
+            Unimplemented("MultiInference is not served; send one Predict or Classify per task"),
         )
 
 
@@ -258,7 +262,8 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         )
 
     def HandleReloadConfigRequest(self, request, context):
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "reload by changing the model repository directory; it is watched",
+        self.core.refuse(
+            context,
+            "HandleReloadConfigRequest",
+            Unimplemented("reload by changing the model repository directory; it is watched"),
         )

@@ -532,11 +532,13 @@ def test_request_ids_are_echoed_only_when_sane(plain_server, caplog, sent, echoe
 
 @contextlib.contextmanager
 def every_call_slot_held(archive):
-    """A server with ``threads=4`` whose four call slots are all held at a closed device gate;
-    yields (channel, stub, scheduler, device, held calls); the gate opens and every held call
-    is answered on the way out."""
+    """A server with ``max_concurrent_calls=4`` whose four call slots are all held at a closed
+    device gate; yields (channel, stub, scheduler, device, held calls); the gate opens and every
+    held call is answered on the way out."""
     device = GatedDevice()
-    config = ServerConfig(archives=[archive], threads=4, batching=BatchingConfig(max_queue_size=8))
+    config = ServerConfig(
+        archives=[archive], max_concurrent_calls=4, batching=BatchingConfig(max_queue_size=8)
+    )
     with (
         running(config, device) as server,
         channel(server) as ch,

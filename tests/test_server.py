@@ -4,6 +4,7 @@ v2 stubs, and the gRPC health and reflection clients."""
 from __future__ import annotations
 
 import socket
+import urllib.error
 import urllib.request
 
 import grpc
@@ -20,9 +21,11 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 from fpgaserve.pipeline import Pipeline
@@ -224,6 +227,22 @@ def test_metadata_status_and_classify(server):
         assert second == alone and alone != result
 
 
+def test_methods_not_served_say_what_to_use_and_are_counted(server, stub):
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.name = "tiny"
+    error = error_of(stub.Regress, regress)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "use Predict or Classify" in error.details()
+    assert dict(error.trailing_metadata())["x-request-id"]
+    with channel(server) as ch:
+        reload = model_management_pb2.ReloadConfigRequest()
+        error = error_of(
+            model_service_pb2_grpc.ModelServiceStub(ch).HandleReloadConfigRequest, reload
+        )
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED and "repository" in error.details()
+    eventually(lambda: requests_counted(server, "Regress", "UNIMPLEMENTED", model="unknown"))
+
+
 # -- KServe v2 ---------------------------------------------------------------------------------
 
 
@@ -354,6 +373,10 @@ def test_health_reflection_and_metrics(server, stub):
     )
     for stage in ("queue", "preprocess", "device", "classify", "total"):
         assert f'fpgaserve_stage_seconds_bucket{{le="0.1",model="tiny",stage="{stage}"}}' in text
+    # Found in review: every other path answered with the metrics too.
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://localhost:{server.metrics_port}/")
+    assert info.value.code == 404 and b"/metrics" in info.value.read()
 
 
 def test_a_busy_metrics_port_is_named_at_start():

@@ -155,6 +155,12 @@ def test_serve_reports_configuration_errors_in_one_line(tmp_path):
     nothing = subprocess.run([*FPGASERVE, "serve"], capture_output=True, text=True, timeout=120)
     assert nothing.returncode == 1 and "nothing to serve" in nothing.stderr
 
+    no_calls = subprocess.run(
+        [*FPGASERVE, "serve", "--max-concurrent-calls", "0", "x.zip"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert no_calls.returncode == 1 and "--max-concurrent-calls" in no_calls.stderr
+
 
 def test_health_of_an_absent_server_fails_cleanly():
     result = health(free_port())
