@@ -55,6 +55,10 @@ class ChannelSettings:
             raise ValueError("certificates or a key are given but use_ssl is False; set it")
         if bool(self.certificate_chain) != bool(self.private_key):
             raise ValueError("mutual TLS needs both the client certificate and its key")
+        if self.max_attempts < 1:
+            raise ValueError(
+                f"max_attempts must be at least 1 (1: no retries), not {self.max_attempts}"
+            )
 
     @classmethod
     def from_files(
@@ -81,8 +85,14 @@ class ChannelSettings:
         return (*token, *self.extra_metadata)
 
     def options(self) -> list[tuple[str, object]]:
+        limits = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+        if self.max_attempts == 1:  # gRPC refuses a retry policy of fewer than 2 attempts
+            return [*limits, ("grpc.enable_retries", 0)]
         retry = {
-            "maxAttempts": max(1, min(self.max_attempts, MAX_ATTEMPTS)),
+            "maxAttempts": min(self.max_attempts, MAX_ATTEMPTS),
             "initialBackoff": f"{self.initial_backoff_s}s",
             "maxBackoff": f"{self.max_backoff_s}s",
             "backoffMultiplier": 2,
@@ -90,8 +100,7 @@ class ChannelSettings:
         }
         config = {"methodConfig": [{"name": [{}], "retryPolicy": retry}]}
         return [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
+            *limits,
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(config)),
             # A request is retried only if it fits the retry buffer: make every request fit.

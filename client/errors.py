@@ -28,6 +28,23 @@ class PredictionError(grpc.RpcError):
         details = (error.details() if hasattr(error, "details") else "") or code.name.lower()
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         request_id = next((v for k, v in trailing or () if k == REQUEST_ID), "")
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
-            details += " (is the server running, and are the address and port right?)"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            hint = next((hint for key, hint in _HINTS if key in details.lower()), None)
+            details += f" ({hint})" if hint else ""
         return cls(code, details, request_id)
+
+
+# What a connection failure most likely means, by what gRPC says (first match).
+_HINTS = (
+    (
+        "handshake",
+        "TLS failed: does the server speak TLS, and did the CA given (--ca, root_certificates) "
+        "sign its certificate?",
+    ),
+    (
+        "socket closed",
+        "the server closed the connection: if it uses TLS, call it with TLS (--ssl or --ca), "
+        "and with a client certificate it trusts if it asks for one (--cert and --key)",
+    ),
+    ("connect", "is the server running, and are the address and port right?"),
+)

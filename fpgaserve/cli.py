@@ -216,9 +216,13 @@ def _predict(args: argparse.Namespace) -> int:
     client_class = V2PredictionClient
     if args.protocol == "tfserving":
         from .client import PredictionClient as client_class
+    if bool(args.cert) != bool(args.key):
+        raise ValueError("mutual TLS needs both --cert and --key")
     client = client_class(
-        args.address, use_ssl=bool(args.ssl or args.ca), access_token=args.token or "",
+        args.address, use_ssl=bool(args.ssl or args.ca or args.cert), access_token=args.token or "",
         model_name=args.model, root_certificates=Path(args.ca).read_bytes() if args.ca else None,
+        certificate_chain=Path(args.cert).read_bytes() if args.cert else None,
+        private_key=Path(args.key).read_bytes() if args.key else None,
         timeout=args.timeout,
     )  # fmt: skip
     results = {}
@@ -256,6 +260,8 @@ def _add_predict(commands) -> None:
     )
     predict.add_argument("--ssl", action="store_true", help="TLS with the system's CAs")
     predict.add_argument("--ca", help="TLS with this CA certificate (PEM)")
+    predict.add_argument("--cert", help="client certificate for mutual TLS (PEM; needs --key)")
+    predict.add_argument("--key", help="the client certificate's private key (PEM)")
     predict.add_argument("--token", default=_env("token"), help="bearer token (FPGASERVE_TOKEN)")
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds per image")
     predict.set_defaults(handler=_predict)

@@ -147,6 +147,22 @@ def test_retries_unavailable_but_never_invalid_argument(archive):
         assert requests_counted(server, "ModelInfer", "UNAVAILABLE") >= 1
 
 
+def test_max_attempts_of_one_turns_retries_off(archive):
+    """Found in review: gRPC refuses a retry policy of one attempt, so every call failed with
+    INVALID_ARGUMENT 'errors validating service config'."""
+    device = GatedDevice()
+    with running(ServerConfig(archives=[archive]), device) as server:
+        device.failing.set()
+        client = V2PredictionClient(address(server), max_attempts=1)
+        with client, pytest.raises(PredictionError) as info:
+            client.score_image(jpeg())
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        eventually(lambda: requests_counted(server, "ModelInfer", "UNAVAILABLE"))
+        assert requests_counted(server, "ModelInfer", "UNAVAILABLE") == 1
+    with pytest.raises(ValueError, match="max_attempts must be at least 1"):
+        ChannelSettings("localhost:8500", max_attempts=0)
+
+
 def test_unreachable_server_is_one_clear_line(capsys, tmp_path):
     image = tmp_path / "x.jpg"
     image.write_bytes(jpeg())
@@ -219,6 +235,36 @@ def test_tls_with_a_custom_ca_and_a_bearer_token(archive, tmp_path):
         ChannelSettings("localhost:8500", root_certificates=ca)
     with pytest.raises(ValueError, match="both the client certificate and its key"):
         ChannelSettings("localhost:8500", True, ca, certificate_chain=ca)
+
+
+def test_mutual_tls_from_the_cli_and_what_a_tls_failure_says(archive, tmp_path, capsys):
+    pki, other = make_pki(tmp_path), make_pki(tmp_path, "other")
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg())
+    tls = TlsConfig(pki["server"], pki["server_key"], client_ca=pki["ca"])
+    with running(ServerConfig(archives=[archive], tls=tls)) as server:
+        call = ["predict", str(image), "--address", address(server), "--timeout", "5"]
+        mutual = [
+            "--ca",
+            str(pki["ca"]),
+            "--cert",
+            str(pki["client"]),
+            "--key",
+            str(pki["client_key"]),
+        ]
+        assert cli_main([*call, *mutual, "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)[str(image)]) == 5
+        # Found in review: every TLS failure was blamed on the address and port.
+        for wrong, says in (
+            (["--ca", str(pki["ca"])], "--cert and --key"),  # no client certificate
+            ([], "call it with TLS"),  # plaintext to a TLS server
+            (["--ca", str(other["ca"]), *mutual[2:]], "did the CA given"),  # CA did not sign it
+        ):
+            assert cli_main([*call, *wrong]) == 1
+            error = capsys.readouterr().err
+            assert "UNAVAILABLE" in error and says in error and "address and port" not in error
+        assert cli_main([*call, "--ca", str(pki["ca"]), "--cert", str(pki["client"])]) == 1
+        assert "needs both --cert and --key" in capsys.readouterr().err
 
 
 # -- asyncio and the light install -------------------------------------------------------------
