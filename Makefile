@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# NVIDIA's Triton client, for tests/test_triton_client.py only, without its pins: its base
+	# requirements would downgrade the ml-dtypes TensorFlow runs on, its [grpc] extra protobuf.
+	$(BIN)/python -m pip install --quiet --no-deps 'tritonclient==2.73.0'
 	@touch $(STAMP)
 
 # The default model: ResNet-50 in msfp16, ImageNet weights when Keras can download them, else

@@ -85,28 +85,27 @@ class ChannelSettings:
         return (*token, *self.extra_metadata)
 
     def options(self) -> list[tuple[str, object]]:
-        limits = [
+        options: list[tuple[str, object]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
-        ]
-        if self.max_attempts == 1:  # gRPC refuses a retry policy of fewer than 2 attempts
-            return [*limits, ("grpc.enable_retries", 0)]
-        retry = {
-            "maxAttempts": min(self.max_attempts, MAX_ATTEMPTS),
-            "initialBackoff": f"{self.initial_backoff_s}s",
-            "maxBackoff": f"{self.max_backoff_s}s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        }
-        config = {"methodConfig": [{"name": [{}], "retryPolicy": retry}]}
-        return [
-            *limits,
+            # Also gRPC's transparent retry of a call that never reached the server (a
+            # connection closing as the call starts), whatever max_attempts says.
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(config)),
             # A request is retried only if it fits the retry buffer: make every request fit.
             ("grpc.per_rpc_retry_buffer_size", self.max_message_bytes),
             ("grpc.retry_buffer_size", 4 * self.max_message_bytes),
         ]
+        if self.max_attempts > 1:  # gRPC refuses a retry policy of fewer than 2 attempts
+            retry = {
+                "maxAttempts": min(self.max_attempts, MAX_ATTEMPTS),
+                "initialBackoff": f"{self.initial_backoff_s}s",
+                "maxBackoff": f"{self.max_backoff_s}s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }
+            config = {"methodConfig": [{"name": [{}], "retryPolicy": retry}]}
+            options.append(("grpc.service_config", json.dumps(config)))
+        return options
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(

@@ -28,23 +28,28 @@ class PredictionError(grpc.RpcError):
         details = (error.details() if hasattr(error, "details") else "") or code.name.lower()
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         request_id = next((v for k, v in trailing or () if k == REQUEST_ID), "")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            hint = next((hint for key, hint in _HINTS if key in details.lower()), None)
+        lowered = details.lower()
+        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect to all addresses" in lowered:
+            hint = next((hint for keys, hint in _HINTS if any(k in lowered for k in keys)), None)
             details += f" ({hint})" if hint else ""
         return cls(code, details, request_id)
 
 
-# What a connection failure most likely means, by what gRPC says (first match).
+# What a failure to set up a connection most likely means, by what gRPC says (first match).
 _HINTS = (
     (
-        "handshake",
-        "TLS failed: does the server speak TLS, and did the CA given (--ca, root_certificates) "
-        "sign its certificate?",
+        ("handshake",),
+        "TLS failed: does the server speak TLS, and did the CA given (root_certificates, "
+        "--ca) sign its certificate?",
     ),
     (
-        "socket closed",
-        "the server closed the connection: if it uses TLS, call it with TLS (--ssl or --ca), "
-        "and with a client certificate it trusts if it asks for one (--cert and --key)",
+        ("socket closed", "connection reset"),
+        "the server closed the connection as it was set up: a TLS server called without TLS "
+        "(use_ssl, --ssl), one that wants a client certificate it trusts (certificate_chain "
+        "and private_key, --cert and --key), or a server shutting down",
     ),
-    ("connect", "is the server running, and are the address and port right?"),
+    (
+        ("connection refused", "failed to connect to remote host", "dns resolution failed"),
+        "is the server running, and are the address and port right?",
+    ),
 )

@@ -152,14 +152,21 @@ class ServingCore:
             self.draining = True
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
-    def refuse(self, context: grpc.ServicerContext, method: str, error: ServingError) -> NoReturn:
-        """Answer a call refused before it names a model (bad credentials, a message that does
-        not parse) with ``error``: counted, logged and given its request id like any other."""
+    def refuse(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        error: ServingError,
+        model_name: str = "",
+    ) -> NoReturn:
+        """Answer a call refused before any model looks at it (bad credentials, a message that
+        does not parse, a method not served) with ``error``: counted, logged and given its
+        request id like any other."""
 
         def handle(record: dict[str, Any]) -> NoReturn:
             raise error
 
-        self.call(context, method, "", handle, inference=False)
+        self.call(context, method, model_name, handle, inference=False)
         raise AssertionError("unreachable: call aborts")
 
     def call(

@@ -116,7 +116,9 @@ class Metrics:
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port (``port=0`` picks a free one)."""
         try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            family = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0][0]
             server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
             app = _only_metrics(make_wsgi_app(self.registry))
             server = make_server(host, port, app, server_class, handler_class=_QuietHandler)

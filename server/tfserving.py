@@ -216,6 +216,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             Unimplemented(
                 "Regress is not served: fpgaserve models classify; use Predict or Classify"
             ),
+            request.model_spec.name,
         )
 
     def MultiInference(self, request, context):

@@ -257,7 +257,7 @@ def test_mutual_tls_from_the_cli_and_what_a_tls_failure_says(archive, tmp_path, 
         # Found in review: every TLS failure was blamed on the address and port.
         for wrong, says in (
             (["--ca", str(pki["ca"])], "--cert and --key"),  # no client certificate
-            ([], "call it with TLS"),  # plaintext to a TLS server
+            ([], "called without TLS"),  # plaintext to a TLS server
             (["--ca", str(other["ca"]), *mutual[2:]], "did the CA given"),  # CA did not sign it
         ):
             assert cli_main([*call, *wrong]) == 1
