@@ -29,7 +29,8 @@ class PredictionError(grpc.RpcError):
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         request_id = next((v for k, v in trailing or () if k == REQUEST_ID), "")
         lowered = details.lower()
-        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect to all addresses" in lowered:
+        setting_up = ("failed to connect to all addresses", "errors resolving")
+        if code == grpc.StatusCode.UNAVAILABLE and any(k in lowered for k in setting_up):
             hint = next((hint for keys, hint in _HINTS if any(k in lowered for k in keys)), None)
             details += f" ({hint})" if hint else ""
         return cls(code, details, request_id)
@@ -49,7 +50,7 @@ _HINTS = (
         "and private_key, --cert and --key), or a server shutting down",
     ),
     (
-        ("connection refused", "failed to connect to remote host", "dns resolution failed"),
+        ("connection refused", "failed to connect to remote host", "errors resolving"),
         "is the server running, and are the address and port right?",
     ),
 )

@@ -55,3 +55,16 @@ def archive(tmp_path_factory) -> Path:
     from servers import tiny_archive  # TensorFlow and Keras only for modules that use it
 
     return tiny_archive(tmp_path_factory.mktemp("models") / "tiny.zip")
+
+
+@pytest.fixture(scope="module")
+def expected(archive) -> dict:
+    """What the pipeline answers in-process for ``jpeg(0)`` and ``jpeg(1)``: what a server
+    serving ``archive`` must answer, bit for bit, whatever the protocol."""
+    from servers import jpeg
+
+    from fpgaserve.pipeline import Pipeline
+
+    with Pipeline.load(archive) as pipeline:
+        images = [jpeg(0), jpeg(1)]
+        return pipeline.run({"images": images}, outputs=["features", "probabilities"])

@@ -54,14 +54,6 @@ def v2_stub(server):
         yield v2_grpc.GRPCInferenceServiceStub(ch)
 
 
-@pytest.fixture(scope="module")
-def expected(archive):
-    """What the pipeline answers in-process, for the same images."""
-    with Pipeline.load(archive) as pipeline:
-        images = [jpeg(0), jpeg(1)]
-        return pipeline.run({"images": images}, outputs=["features", "probabilities"])
-
-
 def predict_request(images, model="tiny", **spec) -> predict_pb2.PredictRequest:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from servers import jpeg, running
 
-from fpgaserve.pipeline import Pipeline
 from fpgaserve.server import ServerConfig
 
 CALLS = Path(__file__).with_name("triton_calls.py")
@@ -44,12 +43,6 @@ def report(archive, tmp_path_factory) -> dict:
             pytest.fail(f"the Triton client hung; its stderr: {exc.stderr!r}"[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def expected(archive) -> dict[str, np.ndarray]:
-    with Pipeline.load(archive) as pipeline:
-        return pipeline.run({"images": [jpeg(0), jpeg(1)]}, outputs=["features", "probabilities"])
 
 
 def floats(hex_bytes: str, shape) -> np.ndarray:
