@@ -83,7 +83,7 @@ def _parsing(core: ServingCore, method: str, behaviour: Callable, request_class:
     return handle
 
 
-def refusing(context: grpc.ServicerContext, rid: str) -> None:
+def _send_request_id_early(context: grpc.ServicerContext, rid: str) -> None:
     """Before an error status other than ``RETRYABLE``: the request id as initial metadata,
     where Brainwave's clients look for it."""
     with contextlib.suppress(grpc.RpcError, ValueError):  # the call has already ended
@@ -229,7 +229,7 @@ class ServingCore:
                 trailers.append((SERVER_TIMING, server_timing(record["timings"])))
             context.set_trailing_metadata(trailers)
             if code not in (grpc.StatusCode.OK, RETRYABLE):
-                refusing(context, rid)
+                _send_request_id_early(context, rid)
             # Metrics and the access line cost ~0.2 ms of Python, cold after a request's
             # stages: gRPC runs them once the answer is on its way, off the caller's latency.
             account = functools.partial(self._account, rid, method, record, code, started)

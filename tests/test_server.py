@@ -16,7 +16,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from servers import CLASSES, channel, eventually, jpeg, requests_counted, running, tiny_archive
+from servers import (
+    CLASSES,
+    channel,
+    eventually,
+    jpeg,
+    metrics,
+    requests_counted,
+    running,
+    tiny_archive,
+)
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -327,8 +336,7 @@ def test_bad_v2_requests(v2_stub, case):
 
 def _scrape(server, *lines: str) -> str:
     """The server's /metrics page, or "" while it does not hold all of ``lines`` yet."""
-    url = f"http://localhost:{server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url).read().decode()
+    text = metrics(server)
     return text if all(line in text for line in lines) else ""
 
 
