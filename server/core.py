@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import message_factory
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from fpgaserve.wire import WireError
 
@@ -38,6 +38,7 @@ log = logging.getLogger("fpgaserve.server")
 access_log = logging.getLogger("fpgaserve.access")
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 REQUEST_ID = "x-request-id"
 # Brainwave's PredictionClient reads a failed call's id from this initial metadata key first and
 # fails with KeyError, hiding the status, when it is missing.
@@ -58,26 +59,37 @@ def parsing_handler(servicer: Any, module: Any) -> grpc.GenericRpcHandler:
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            # The servicer parses each message: a bad one is answered in the stream.
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, response_serializer=response_class.SerializeToString
+            )
+            continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(servicer.core, method.name, getattr(servicer, method.name), request_class),
+            _parsing(servicer.core, method.name, behaviour, request_class),
             response_serializer=response_class.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+def parse(request_class: type[M], raw: bytes) -> M:
+    """``raw`` as a ``request_class`` message, or INVALID_ARGUMENT saying what is wrong."""
+    try:
+        return request_class.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"the request is not a valid {request_class.DESCRIPTOR.full_name} message "
+            f"({exc}); check the client's protocol and that string fields are UTF-8"
+        ) from None
+
+
 def _parsing(core: ServingCore, method: str, behaviour: Callable, request_class: type) -> Callable:
     def handle(raw: bytes, context: grpc.ServicerContext):
         try:
-            request = request_class.FromString(raw)
-        except DecodeError as exc:
-            core.refuse(
-                context,
-                method,
-                InvalidArgument(
-                    f"the request is not a valid {request_class.DESCRIPTOR.full_name} message "
-                    f"({exc}); check the client's protocol and that string fields are UTF-8"
-                ),
-            )
+            request = parse(request_class, raw)
+        except InvalidArgument as exc:
+            core.refuse(context, method, exc)
         return behaviour(request, context)
 
     return handle
@@ -126,6 +138,20 @@ def _bounded(message: str) -> str:
 MAX_LOGGED_NAME = 200
 
 
+_NOT_ADMITTED = contextlib.nullcontext(None)  # calls that are not counted: never refused
+
+
+def _record(model_name: str) -> dict[str, Any]:
+    """What a request's handling reports back for its accounting."""
+    return {
+        "timings": None,
+        "images": 0,
+        "model": model_name[:MAX_LOGGED_NAME],
+        "version": None,
+        "served": None,  # the ServedModel that admitted it
+    }
+
+
 class ServingCore:
     def __init__(
         self,
@@ -137,12 +163,13 @@ class ServingCore:
         self.repository, self.metrics, self.max_calls = repository, metrics, max_calls
         self.max_message_bytes = max_message_bytes
         self.draining = False
-        self._active = 0
+        self._active = 0  # inference calls and stream messages being answered
+        self._held = 0  # gRPC threads held by inference calls and open streams
         self._idle = threading.Condition()
 
     @property
     def active(self) -> int:
-        """Inference calls accepted and not yet answered."""
+        """Inference calls and stream messages accepted and not yet answered."""
         return self._active
 
     def drain(self, timeout: float) -> bool:
@@ -184,25 +211,74 @@ class ServingCore:
         questions about models (readiness, metadata, status) are answered at any load, when
         orchestrators' probes need them most."""
         rid = request_id(context)
-        record: dict[str, Any] = {
-            "timings": None,
-            "images": 0,
-            "model": model_name[:MAX_LOGGED_NAME],
-            "version": None,
-        }
+        record = _record(model_name)
         started = time.perf_counter()
-        code, message = grpc.StatusCode.OK, ""
+        admission = self._admission(slot=True, work=True) if inference else _NOT_ADMITTED
+        with admission as refusal:
+            answer, code, message = self._attempt(rid, record, handle, inference, refusal)
+        # Trailing metadata travels with the status: no extra message on the wire.
+        trailers = [(REQUEST_ID, rid)]
+        if record["timings"]:
+            trailers.append((SERVER_TIMING, server_timing(record["timings"])))
+        context.set_trailing_metadata(trailers)
+        if code not in (grpc.StatusCode.OK, RETRYABLE):
+            _send_request_id_early(context, rid)
+        # Metrics and the access line cost ~0.2 ms of Python, cold after a request's
+        # stages: gRPC runs them once the answer is on its way, off the caller's latency.
+        account = functools.partial(self._account, rid, method, record, code, started)
+        if not context.add_callback(account):  # the call has already ended
+            account()
+        if code == grpc.StatusCode.OK:
+            return answer
+        context.abort(code, _bounded(message))
+        raise AssertionError("unreachable: context.abort raises")
+
+    @contextlib.contextmanager
+    def stream(self, context: grpc.ServicerContext, method: str) -> Iterator[StreamCalls]:
+        """Hold one call slot for a stream's whole life (it holds one of gRPC's threads), or
+        refuse the stream as ``call`` refuses an inference call."""
+        with self._admission(slot=True, work=False) as refusal:
+            if refusal is not None:
+                self.refuse(context, method, refusal)
+            yield StreamCalls(self, request_id(context), method)
+
+    @contextlib.contextmanager
+    def _admission(self, slot: bool, work: bool) -> Iterator[ServingError | None]:
+        """Admit an inference call (``slot`` and ``work``), a stream (``slot``: one of the
+        ``max_calls`` slots, each a gRPC thread) or a stream's request (``work``: what a drain
+        waits for); yields why it is refused, or None."""
         with self._idle:
-            busy = inference and self._active >= self.max_calls
-            accepted = inference and not self.draining and not busy
-            self._active += accepted
+            busy = slot and self._held >= self.max_calls
+            accepted = not self.draining and not busy
+            self._held += accepted and slot
+            self._active += accepted and work
         try:
             if busy:
-                raise ResourceExhausted(
+                yield ResourceExhausted(
                     f"the server is handling {self.max_calls} calls, its limit; retry with backoff"
                 )
-            if inference and not accepted:
-                raise Unavailable("the server is shutting down; retry on another replica")
+            elif not accepted:
+                yield Unavailable("the server is shutting down; retry on another replica")
+            else:
+                yield None
+        finally:
+            with self._idle:
+                self._held -= accepted and slot
+                self._active -= accepted and work
+                self._idle.notify_all()
+
+    def _attempt(
+        self,
+        rid: str,
+        record: dict[str, Any],
+        handle: Callable[[dict[str, Any]], T],
+        inference: bool,
+        refusal: ServingError | None,
+    ) -> tuple[T | None, grpc.StatusCode, str]:
+        """``handle``'s answer, or the status and message of its failure."""
+        try:
+            if refusal is not None:
+                raise refusal
             answer = handle(record)
             if inference and (size := answer.ByteSize()) > self.max_message_bytes:
                 # gRPC would refuse to send it; say why here, and count it as what it is.
@@ -211,32 +287,14 @@ class ServingCore:
                     f"{self.max_message_bytes} (--max-message-mb); send fewer images per "
                     "request or ask for fewer outputs"
                 )
-            return answer
+            return answer, grpc.StatusCode.OK, ""
         except ServingError as exc:
-            code, message = exc.code, str(exc)
+            return None, exc.code, str(exc)
         except WireError as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            return None, grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception:
             log.exception("request %s failed", rid, extra={"request_id": rid})
-            code, message = grpc.StatusCode.INTERNAL, f"internal server error (request id {rid})"
-        finally:
-            with self._idle:
-                self._active -= accepted
-                self._idle.notify_all()
-            # Trailing metadata travels with the status: no extra message on the wire.
-            trailers = [(REQUEST_ID, rid)]
-            if record["timings"]:
-                trailers.append((SERVER_TIMING, server_timing(record["timings"])))
-            context.set_trailing_metadata(trailers)
-            if code not in (grpc.StatusCode.OK, RETRYABLE):
-                _send_request_id_early(context, rid)
-            # Metrics and the access line cost ~0.2 ms of Python, cold after a request's
-            # stages: gRPC runs them once the answer is on its way, off the caller's latency.
-            account = functools.partial(self._account, rid, method, record, code, started)
-            if not context.add_callback(account):  # the call has already ended
-                account()
-        context.abort(code, _bounded(message))
-        raise AssertionError("unreachable: context.abort raises")
+            return None, grpc.StatusCode.INTERNAL, f"internal server error (request id {rid})"
 
     def _account(
         self,
@@ -249,6 +307,10 @@ class ServingCore:
         """Count an answered call in the metrics and write its access log line; ``ms`` runs
         until the answer was sent."""
         ok = code == grpc.StatusCode.OK
+        if record["served"] is not None:  # admitted by a model: its statistics count it
+            timings = record["timings"] or {}
+            seconds = timings.get("total", time.perf_counter() - started)
+            record["served"].statistics.observe_request(ok, seconds, timings, record["images"])
         # Only served names become label values: clients cannot grow the metric set.
         label = record["model"] if self.repository.serves(record["model"]) else "unknown"
         self.metrics.observe_request(
@@ -287,6 +349,7 @@ class ServingCore:
         deadline = None if remaining is None else time.monotonic() + remaining
         record["model"], record["version"] = model.name, model.version
         job = model.submit(inputs, outputs, deadline, lambda: not context.is_active())
+        record["served"] = model
         try:
             results = job.future.result(timeout=remaining)
             # Stages run on this thread finish late rather than time out: the same answer.
@@ -302,3 +365,26 @@ class ServingCore:
             record["timings"] = dict(job.timings) or None
         record["images"] = job.size
         return results
+
+
+class StreamCalls:
+    """The requests of one stream, each admitted, answered, counted and logged like a call of
+    its own (request id ``<stream's id>/<n>``); a failure answers the request and the stream goes
+    on, as Triton's streaming does."""
+
+    def __init__(self, core: ServingCore, rid: str, method: str) -> None:
+        self.core, self.rid, self.method = core, rid, method
+        self._count = 0
+
+    def answer(
+        self, handle: Callable[[dict[str, Any]], T]
+    ) -> tuple[T | None, str, Callable[[], None]]:
+        """``handle``'s answer or the error message to send instead, and the accounting to
+        run once it is sent. ``handle`` names the model in ``record["model"]``."""
+        self._count += 1
+        rid, record, started = f"{self.rid}/{self._count}", _record(""), time.perf_counter()
+        core = self.core
+        with core._admission(slot=False, work=True) as refusal:
+            answer, code, message = core._attempt(rid, record, handle, True, refusal)
+        account = functools.partial(core._account, rid, self.method, record, code, started)
+        return answer, "" if code == grpc.StatusCode.OK else _bounded(message), account

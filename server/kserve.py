@@ -1,12 +1,14 @@
 """KServe v2 / Open Inference Protocol ``inference.GRPCInferenceService`` (what KServe, Triton and
 their clients speak). Outputs are returned as ``raw_output_contents``, as Triton does; without
 requested outputs every model output is returned, as the protocol says. Triton's classification
-extension (an output's ``classification`` parameter) answers the top classes with their labels.
+extension (an output's ``classification`` parameter) answers the top classes with their labels;
+its streaming, model configuration, statistics and repository index extensions are served too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,11 +18,13 @@ from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.wire import V2_DATATYPES, from_v2, to_v2
 
-from .core import ServingCore
-from .errors import InvalidArgument, NotFound, ServingError
-from .model import ServedModel
+from .core import MAX_LOGGED_NAME, ServingCore, parse
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
+from .model import AVAILABLE, ServedModel
+from .triton import PLATFORM, model_config, model_statistics, repository_index
 
-PLATFORM = "fpgaserve"
+# ServerMetadata's extensions: Triton's names for what this adapter serves beyond the protocol.
+EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository"]
 
 
 def _version(text: str) -> int | None:
@@ -99,9 +103,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return self.core.call(context, "ModelReady", request.name, handle, inference=False)
 
     def ServerMetadata(self, request, context) -> v2.ServerMetadataResponse:
-        return v2.ServerMetadataResponse(
-            name=PLATFORM, version=__version__, extensions=["classification"]
-        )
+        return v2.ServerMetadataResponse(name=PLATFORM, version=__version__, extensions=EXTENSIONS)
 
     def ModelMetadata(self, request: v2.ModelMetadataRequest, context) -> v2.ModelMetadataResponse:
         def handle(record: dict[str, Any]) -> v2.ModelMetadataResponse:
@@ -124,37 +126,143 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return self.core.call(context, "ModelMetadata", request.name, handle, inference=False)
 
     def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
-        def handle(record: dict[str, Any]) -> v2.ModelInferResponse:
-            model = self._model(request.model_name, request.model_version, "model_name")
-            raw = list(request.raw_input_contents)
-            if raw and len(raw) != len(request.inputs):
-                raise InvalidArgument(
-                    f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
-                    "inputs; give one per input, in order"
-                )
-            inputs = {}
-            for index, tensor in enumerate(request.inputs):
-                if tensor.name in inputs:
-                    raise InvalidArgument(f"input {tensor.name!r} is given twice")
-                limit = model.max_elements(tensor.name)
-                inputs[tensor.name] = from_v2(tensor, raw[index] if raw else None, limit)
-            wanted = [output.name for output in request.outputs] or [
-                spec.name for spec in model.signature.outputs
-            ]
-            if len(set(wanted)) != len(wanted):
-                raise InvalidArgument(f"outputs name {wanted}: name each output once")
-            results = self.core.infer(context, record, model, inputs, wanted)
-            response = v2.ModelInferResponse(
-                model_name=model.name, model_version=str(model.version), id=request.id
-            )
-            counts = {output.name: _class_count(output) for output in request.outputs}
-            for name in wanted:
-                value = results[name]
-                if counts.get(name):
-                    value = _top_classes(value, counts[name], model.labels)
-                datatype, shape, content = to_v2(value)
-                response.outputs.add(name=name, datatype=datatype, shape=shape)
-                response.raw_output_contents.append(content)
-            return response
+        return self.core.call(
+            context,
+            "ModelInfer",
+            request.model_name,
+            lambda record: self._infer(request, context, record),
+        )
 
-        return self.core.call(context, "ModelInfer", request.model_name, handle)
+    def ModelStreamInfer(
+        self, requests: Iterator[bytes], context
+    ) -> Iterator[v2.ModelStreamInferResponse]:
+        """Triton's streaming: each request is answered in order, as its own call would be; a
+        failed one gets its error in the stream, which goes on. Open several streams (or call
+        ModelInfer concurrently) to keep the device's batches full."""
+        with self.core.stream(context, "ModelStreamInfer") as calls:
+            for raw in requests:
+                request = v2.ModelInferRequest()
+                handle = functools.partial(self._infer_raw, raw, request, context)
+                answer, error, account = calls.answer(handle)
+                if answer is None:  # the failed request's id, for the client to match
+                    answer = v2.ModelInferResponse(
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        id=request.id,
+                    )
+                try:
+                    yield v2.ModelStreamInferResponse(error_message=error, infer_response=answer)
+                finally:
+                    account()
+
+    def _infer_raw(
+        self, raw: bytes, request: v2.ModelInferRequest, context, record: dict[str, Any]
+    ) -> v2.ModelInferResponse:
+        """Parse ``raw`` into ``request`` (left empty when it is not a valid one), then infer."""
+        request.CopyFrom(parse(v2.ModelInferRequest, raw))
+        record["model"] = request.model_name[:MAX_LOGGED_NAME]
+        return self._infer(request, context, record)
+
+    def _infer(
+        self, request: v2.ModelInferRequest, context, record: dict[str, Any]
+    ) -> v2.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version, "model_name")
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidArgument(
+                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
+                "inputs; give one per input, in order"
+            )
+        inputs = {}
+        for index, tensor in enumerate(request.inputs):
+            if tensor.name in inputs:
+                raise InvalidArgument(f"input {tensor.name!r} is given twice")
+            limit = model.max_elements(tensor.name)
+            inputs[tensor.name] = from_v2(tensor, raw[index] if raw else None, limit)
+        wanted = [output.name for output in request.outputs] or [
+            spec.name for spec in model.signature.outputs
+        ]
+        if len(set(wanted)) != len(wanted):
+            raise InvalidArgument(f"outputs name {wanted}: name each output once")
+        results = self.core.infer(context, record, model, inputs, wanted)
+        response = v2.ModelInferResponse(
+            model_name=model.name, model_version=str(model.version), id=request.id
+        )
+        counts = {output.name: _class_count(output) for output in request.outputs}
+        for name in wanted:
+            value = results[name]
+            if counts.get(name):
+                value = _top_classes(value, counts[name], model.labels)
+            datatype, shape, content = to_v2(value)
+            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            response.raw_output_contents.append(content)
+        return response
+
+    def ModelConfig(self, request: v2.ModelConfigRequest, context) -> v2.ModelConfigResponse:
+        def handle(record: dict[str, Any]) -> v2.ModelConfigResponse:
+            model = self._model(request.name, request.version)
+            config = model_config(model, self.core.repository.policy)
+            return v2.ModelConfigResponse(config=config)
+
+        return self.core.call(context, "ModelConfig", request.name, handle, inference=False)
+
+    def ModelStatistics(
+        self, request: v2.ModelStatisticsRequest, context
+    ) -> v2.ModelStatisticsResponse:
+        """Every available version of the named model (of every model without a name), or the
+        one version asked for."""
+
+        def handle(record: dict[str, Any]) -> v2.ModelStatisticsResponse:
+            if request.version and not request.name:
+                raise InvalidArgument("a version needs a model name; give both, or neither")
+            version = _version(request.version)
+            models = [
+                model
+                for model in self.core.repository.served()
+                if model.state == AVAILABLE
+                and request.name in ("", model.name)
+                and version in (None, model.version)
+            ]
+            if request.name and not models:
+                self.core.repository.get(request.name, version)  # raises why none is served
+            models.sort(key=lambda model: (model.name, model.version))
+            stats = [model_statistics(model) for model in models]
+            return v2.ModelStatisticsResponse(model_stats=stats)
+
+        return self.core.call(context, "ModelStatistics", request.name, handle, inference=False)
+
+    def RepositoryIndex(
+        self, request: v2.RepositoryIndexRequest, context
+    ) -> v2.RepositoryIndexResponse:
+        def handle(record: dict[str, Any]) -> v2.RepositoryIndexResponse:
+            if request.repository_name:
+                raise NotFound(
+                    f"no repository {request.repository_name[:100]!r}: this server has one "
+                    "model repository; leave repository_name empty"
+                )
+            return repository_index(self.core.repository, request.ready)
+
+        return self.core.call(context, "RepositoryIndex", "", handle, inference=False)
+
+    def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest, context):
+        self._refuse_model_control(context, "RepositoryModelLoad", request.model_name)
+
+    def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest, context):
+        self._refuse_model_control(context, "RepositoryModelUnload", request.model_name)
+
+    def _refuse_model_control(self, context, method: str, name: str) -> None:
+        """Triton's explicit model control has no place here: the repository's files are the
+        one source of truth (as with Triton's polling mode), so a reload cannot undo a load."""
+        root = self.core.repository.root
+        if root is None:
+            how = (
+                "this server serves fixed archives (--model); serve a directory "
+                "(--model-repository) to add and remove models while it runs"
+            )
+        else:
+            how = (
+                f"to load a model, put its archive at {root}/<name>/<version>/model.zip; to "
+                "unload it, remove that folder"
+            )
+        error = FailedPrecondition(f"models are loaded from the model repository itself: {how}")
+        self.core.refuse(context, method, error, name)

@@ -25,6 +25,7 @@ from fpgaserve.pipeline import Pipeline, TensorSpec
 from .errors import InvalidArgument, Unavailable
 from .images import DEFAULT_MAX_PIXELS, check_images
 from .scheduler import BatchingConfig, Job, Scheduler, StageSpec, check_request_size
+from .statistics import ModelStatistics
 
 log = logging.getLogger("fpgaserve.server")
 
@@ -82,6 +83,7 @@ class ServedModel:
         self.signature: Signature | None = None
         self.labels: list[str] | None = None
         self.on_batch: Callable[[str, int], None] = lambda role, size: None
+        self.statistics = ModelStatistics()
         self._probe_lock = threading.Lock()
 
     def load(self, device: Device, warmup: bool = True) -> None:
@@ -118,18 +120,23 @@ class ServedModel:
                 specs,
                 device_index,
                 self.batching,
-                on_batch=lambda role, size: self.on_batch(role, size),
+                on_batch=self._batch_ran,
                 on_fault=self._device_fault,
                 on_success=self._device_ok,
             )
             if warmup:
                 self._warmup()
+                self.statistics = ModelStatistics()  # clients' requests only
         except BaseException as exc:
             self.state, self.error = END, str(exc)
             self._release()
             raise
         self.state = AVAILABLE
         self._on_health()
+
+    def _batch_ran(self, role: str, size: int, seconds: float) -> None:
+        self.statistics.observe_batch(role, size, seconds)
+        self.on_batch(role, size)
 
     def _kernel_time(self) -> dict[str, float]:
         seconds = self.pipeline.device.last_kernel_seconds()

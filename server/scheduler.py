@@ -132,7 +132,7 @@ class Scheduler:
         stages: Sequence[StageSpec],
         device_stage: int,
         config: BatchingConfig,
-        on_batch: Callable[[str, int], None] = lambda role, size: None,
+        on_batch: Callable[[str, int, float], None] = lambda role, size, seconds: None,
         on_fault: Callable[[BaseException], None] = lambda exc: None,
         on_success: Callable[[], None] = lambda: None,
     ) -> None:
@@ -297,7 +297,6 @@ class Scheduler:
         live = [job for job in batch if self._still_wanted(job, index, started)]
         if not live:
             return []
-        self._on_batch(self.stages[index].role, sum(job.size for job in live))
         return self._run_batch(index, self.stages[index], live)
 
     def _still_wanted(self, job: Job, index: int, now: float) -> bool:
@@ -336,6 +335,7 @@ class Scheduler:
         finished = time.perf_counter()
         elapsed = finished - started
         extra = stage.profile()
+        self._on_batch(stage.role, sum(job.size for job in jobs), elapsed)
         offset, moving = 0, []
         for job in jobs:
             part = result[offset : offset + job.size]

@@ -309,6 +309,10 @@ def _routing_calls(name: str, version: str = "", label: str = "") -> list:
          v2.ModelMetadataRequest(name=name, version=version)),
         (lambda ch: v2_grpc.GRPCInferenceServiceStub(ch).ModelReady,
          v2.ModelReadyRequest(name=name, version=version)),
+        (lambda ch: v2_grpc.GRPCInferenceServiceStub(ch).ModelConfig,
+         v2.ModelConfigRequest(name=name, version=version)),
+        (lambda ch: v2_grpc.GRPCInferenceServiceStub(ch).ModelStatistics,
+         v2.ModelStatisticsRequest(name=name, version=version)),
     ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from servers import jpeg, running
 
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.server import ServerConfig
 
 CALLS = Path(__file__).with_name("triton_calls.py")
@@ -31,10 +32,12 @@ def report(archive, tmp_path_factory) -> dict:
     paths = [folder / f"{seed}.jpg" for seed in (0, 1)]
     for seed, path in enumerate(paths):
         path.write_bytes(jpeg(seed))
+    ours = folder / "ours.pb"  # our declarations, to compare with Triton's field by field
+    ours.write_bytes(v2.DESCRIPTOR.serialized_pb)
     with running(ServerConfig(archives=[archive])) as server:
         try:
             done = subprocess.run(
-                [sys.executable, str(CALLS), str(server.port), *map(str, paths)],
+                [sys.executable, str(CALLS), str(server.port), str(ours), *map(str, paths)],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -79,3 +82,33 @@ def test_errors_reach_the_client_with_their_status(report):
     assert "'nope' is not served" in report["unknown_model"]["message"]
     assert report["float_images"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "must be string (TF Serving DT_STRING, v2 BYTES)" in report["float_images"]["message"]
+
+
+def test_our_declarations_match_tritons_on_the_wire(report):
+    assert report["wire_differences"] == []
+
+
+def test_model_config_statistics_and_index(report):
+    config = report["config"]["config"]
+    assert (config["name"], config["max_batch_size"]) == ("tiny", 64)
+    assert [(i["name"], i["data_type"]) for i in config["input"]] == [
+        ("images", "TYPE_STRING"),
+        ("preprocessed", "TYPE_FP32"),
+    ]
+    assert config["dynamic_batching"]["preferred_batch_size"] == [8]
+    (stats,) = report["statistics"]["model_stats"]
+    # Taken after the client's inferences above: 2 images each, three answered calls.
+    assert (stats["name"], stats["version"]) == ("tiny", "1")
+    assert stats["inference_count"] == "6" and stats["inference_stats"]["success"]["count"] == "3"
+    assert report["index"]["models"] == [{"name": "tiny", "version": "1", "state": "READY"}]
+    assert report["load"]["status"] == "StatusCode.FAILED_PRECONDITION"
+    assert "--model-repository" in report["load"]["message"]
+
+
+def test_streaming(report, expected):
+    first, second, third = report["stream"]
+    assert first["id"] == "s1" and third["id"] == "s3"
+    for answer in (first, third):
+        got = floats(answer["probabilities"], (2, 10))
+        np.testing.assert_array_equal(got, expected["probabilities"])
+    assert "'nope' is not served" in second["error"]
