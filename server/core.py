@@ -66,6 +66,8 @@ def parsing_handler(servicer: Any, module: Any) -> grpc.GenericRpcHandler:
                 behaviour, response_serializer=response_class.SerializeToString
             )
             continue
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name}: only unary and bidirectional RPCs are served")
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _parsing(servicer.core, method.name, behaviour, request_class),
             response_serializer=response_class.SerializeToString,
@@ -136,6 +138,16 @@ def _bounded(message: str) -> str:
 
 # Served names are at most 128 characters; a longer one a client sends is cut in the access log.
 MAX_LOGGED_NAME = 200
+
+
+def _count_in_model(record: dict[str, Any], code: grpc.StatusCode, started: float) -> None:
+    """A request a model admitted, in that version's statistics: before the answer is sent
+    (a few microseconds), so that a client reading them after its answer finds it counted."""
+    if record["served"] is not None:
+        timings = record["timings"] or {}
+        seconds = timings.get("total", time.perf_counter() - started)
+        ok = code == grpc.StatusCode.OK
+        record["served"].statistics.observe_request(ok, seconds, timings, record["images"])
 
 
 _NOT_ADMITTED = contextlib.nullcontext(None)  # calls that are not counted: never refused
@@ -216,6 +228,7 @@ class ServingCore:
         admission = self._admission(slot=True, work=True) if inference else _NOT_ADMITTED
         with admission as refusal:
             answer, code, message = self._attempt(rid, record, handle, inference, refusal)
+        _count_in_model(record, code, started)
         # Trailing metadata travels with the status: no extra message on the wire.
         trailers = [(REQUEST_ID, rid)]
         if record["timings"]:
@@ -240,7 +253,9 @@ class ServingCore:
         with self._admission(slot=True, work=False) as refusal:
             if refusal is not None:
                 self.refuse(context, method, refusal)
-            yield StreamCalls(self, request_id(context), method)
+            rid = request_id(context)
+            context.set_trailing_metadata([(REQUEST_ID, rid)])  # its requests' ids: <rid>/<n>
+            yield StreamCalls(self, rid, method)
 
     @contextlib.contextmanager
     def _admission(self, slot: bool, work: bool) -> Iterator[ServingError | None]:
@@ -307,10 +322,6 @@ class ServingCore:
         """Count an answered call in the metrics and write its access log line; ``ms`` runs
         until the answer was sent."""
         ok = code == grpc.StatusCode.OK
-        if record["served"] is not None:  # admitted by a model: its statistics count it
-            timings = record["timings"] or {}
-            seconds = timings.get("total", time.perf_counter() - started)
-            record["served"].statistics.observe_request(ok, seconds, timings, record["images"])
         # Only served names become label values: clients cannot grow the metric set.
         label = record["model"] if self.repository.serves(record["model"]) else "unknown"
         self.metrics.observe_request(
@@ -386,5 +397,6 @@ class StreamCalls:
         core = self.core
         with core._admission(slot=False, work=True) as refusal:
             answer, code, message = core._attempt(rid, record, handle, True, refusal)
+        _count_in_model(record, code, started)
         account = functools.partial(core._account, rid, self.method, record, code, started)
         return answer, "" if code == grpc.StatusCode.OK else _bounded(message), account

@@ -8,8 +8,8 @@ its streaming, model configuration, statistics and repository index extensions a
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.wire import V2_DATATYPES, from_v2, to_v2
 
 from .core import MAX_LOGGED_NAME, ServingCore, parse
-from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unimplemented
 from .model import AVAILABLE, ServedModel
 from .triton import PLATFORM, model_config, model_statistics, repository_index
 
@@ -73,6 +73,21 @@ def _top_classes(scores: np.ndarray, count: int, labels: Sequence[str] | None) -
         for row, indices in zip(flat, best, strict=True)
     ]
     return np.array(entries, dtype=object)
+
+
+SHARED_MEMORY = (
+    "shared-memory tensors are not served (clients and server may be on different machines): "
+    "send tensors in the request (raw_input_contents or contents)"
+)
+
+
+def _unimplemented(method: str, advice: str) -> Callable[..., NoReturn]:
+    """A Triton RPC this server refuses, counted and logged like any call, with ``advice``."""
+
+    def refuse(self: InferenceService, request, context) -> NoReturn:
+        self.core.refuse(context, method, Unimplemented(advice))
+
+    return refuse
 
 
 class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
@@ -244,13 +259,29 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
 
         return self.core.call(context, "RepositoryIndex", "", handle, inference=False)
 
-    def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest, context):
+    def RepositoryModelLoad(self, request: v2.RepositoryModelLoadRequest, context) -> NoReturn:
         self._refuse_model_control(context, "RepositoryModelLoad", request.model_name)
 
-    def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest, context):
+    def RepositoryModelUnload(self, request: v2.RepositoryModelUnloadRequest, context) -> NoReturn:
         self._refuse_model_control(context, "RepositoryModelUnload", request.model_name)
 
-    def _refuse_model_control(self, context, method: str, name: str) -> None:
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus", SHARED_MEMORY)
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister", SHARED_MEMORY)
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister", SHARED_MEMORY)
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus", SHARED_MEMORY)
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister", SHARED_MEMORY)
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister", SHARED_MEMORY)
+    TraceSetting = _unimplemented(
+        "TraceSetting",
+        "tracing is not served: every answer's server-timing trailer gives its stage times, "
+        "and /metrics their histograms",
+    )
+    LogSettings = _unimplemented(
+        "LogSettings",
+        "log settings are fixed when the server starts (fpgaserve serve --log-format)",
+    )
+
+    def _refuse_model_control(self, context, method: str, name: str) -> NoReturn:
         """Triton's explicit model control has no place here: the repository's files are the
         one source of truth (as with Triton's polling mode), so a reload cannot undo a load."""
         root = self.core.repository.root

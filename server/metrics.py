@@ -69,7 +69,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "fpgaserve_batch_size",
-            "Images per batch that a stage ran",
+            "Images per batch that a stage ran successfully",
             ["model", "stage"],
             buckets=BATCH_BUCKETS,
             registry=self.registry,

@@ -126,7 +126,6 @@ class ServedModel:
             )
             if warmup:
                 self._warmup()
-                self.statistics = ModelStatistics()  # clients' requests only
         except BaseException as exc:
             self.state, self.error = END, str(exc)
             self._release()
@@ -134,9 +133,11 @@ class ServedModel:
         self.state = AVAILABLE
         self._on_health()
 
-    def _batch_ran(self, role: str, size: int, seconds: float) -> None:
-        self.statistics.observe_batch(role, size, seconds)
-        self.on_batch(role, size)
+    def _batch_ran(self, role: str, jobs: list[Job], seconds: float) -> None:
+        self.on_batch(role, sum(job.size for job in jobs))
+        clients = sum(job.size for job in jobs if not job.internal)
+        if clients:
+            self.statistics.observe_batch(role, clients, seconds)
 
     def _kernel_time(self) -> dict[str, float]:
         seconds = self.pipeline.device.last_kernel_seconds()
@@ -152,6 +153,7 @@ class ServedModel:
         outputs: Sequence[str] | None,
         deadline: float | None,
         caller_gone: Callable[[], bool] = lambda: False,
+        internal: bool = False,
     ) -> Job:
         """Check a request against the signature and admit it; the result comes on the job's
         future as {output name: array}. Stages that are idle run on the calling thread."""
@@ -186,6 +188,7 @@ class ServedModel:
             wanted=frozenset(wanted),
             deadline=deadline,
             caller_gone=caller_gone,
+            internal=internal,
         )
         return scheduler.submit(job)
 
@@ -233,7 +236,7 @@ class ServedModel:
         spec = self.signature.inputs[0]
         largest = min(self.batching.max_batch_size, self.batching.max_queue_size)
         for batch in sorted({1, largest}):
-            job = self.submit({spec.name: _warmup_value(spec, batch)}, None, None)
+            job = self.submit({spec.name: _warmup_value(spec, batch)}, None, None, internal=True)
             job.future.result()
 
     def _device_fault(self, exc: BaseException) -> None:
@@ -260,7 +263,10 @@ class ServedModel:
                 spec = self.signature.inputs[-1]  # the featurizer input: the device alone
                 try:
                     job = self.submit(
-                        {spec.name: _warmup_value(spec, 1)}, [self.signature.outputs[0].name], None
+                        {spec.name: _warmup_value(spec, 1)},
+                        [self.signature.outputs[0].name],
+                        None,
+                        internal=True,
                     )
                     job.future.result()
                 except Exception as exc:

@@ -93,6 +93,7 @@ class Job:
     deadline: float | None = None  # time.monotonic() seconds
     # Asked before each stage (e.g. whether the gRPC call is still active): True drops the job.
     caller_gone: Callable[[], bool] = lambda: False
+    internal: bool = False  # the server's own (warmup, device probe): not a client's request
     future: Future = field(default_factory=Future)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -132,7 +133,7 @@ class Scheduler:
         stages: Sequence[StageSpec],
         device_stage: int,
         config: BatchingConfig,
-        on_batch: Callable[[str, int, float], None] = lambda role, size, seconds: None,
+        on_batch: Callable[[str, list[Job], float], None] = lambda role, jobs, seconds: None,
         on_fault: Callable[[BaseException], None] = lambda exc: None,
         on_success: Callable[[], None] = lambda: None,
     ) -> None:
@@ -325,6 +326,8 @@ class Scheduler:
             result = stage.run(merged)
         except Exception as exc:
             if len(jobs) > 1:  # find whose input failed: each job alone
+                for job in jobs:  # the failed attempt was this stage's time too
+                    job.add_time(stage.role, time.perf_counter() - started)
                 return [moving for job in jobs for moving in self._run_batch(index, stage, [job])]
             if index == self.device_stage:
                 self._on_fault(exc)
@@ -335,7 +338,7 @@ class Scheduler:
         finished = time.perf_counter()
         elapsed = finished - started
         extra = stage.profile()
-        self._on_batch(stage.role, sum(job.size for job in jobs), elapsed)
+        self._on_batch(stage.role, jobs, elapsed)
         offset, moving = 0, []
         for job in jobs:
             part = result[offset : offset + job.size]

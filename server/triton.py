@@ -8,7 +8,7 @@ from __future__ import annotations
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.wire import V2_DATATYPES
 
-from .errors import NotFound
+from .errors import NotFound, Unavailable
 from .model import AVAILABLE, LOADING, UNLOADING, ServedModel
 from .repository import ModelRepository, VersionPolicy
 from .statistics import COMPUTE, Duration
@@ -32,18 +32,27 @@ def _version_policy(policy: VersionPolicy) -> v2.ModelVersionPolicy:
     return v2.ModelVersionPolicy(latest=v2.ModelVersionPolicy.Latest(num_versions=1))
 
 
+def _dims(shape) -> list[int]:
+    """Without the batch dimension; -1 for a size that varies, as Triton writes it."""
+    return [-1 if size is None else size for size in shape[1:]]
+
+
 def model_config(model: ServedModel, policy: VersionPolicy) -> v2.ModelConfig:
     """``max_batch_size`` is the most images one request may carry (``--max-queue-size``); the
-    device's batch limit (``--max-batch-size``) is the dynamic batcher's preferred size. Every
-    input is ``optional``: a request gives exactly one of them (the images, or the featurizer's
-    input)."""
+    device's batch limit (``--max-batch-size``) is the dynamic batcher's preferred size. The
+    input is the service input alone, as ModelMetadata lists it: Triton's tools refuse a
+    configuration naming an input the metadata does not."""
+    pipeline = model.pipeline  # None once the version unloads
+    if pipeline is None:
+        raise Unavailable(f"model {model.name!r} version {model.version} is being unloaded")
     batching, signature = model.batching, model.signature
-    provenance = model.pipeline.manifest.get("provenance", {})
+    provenance = pipeline.manifest.get("provenance", {})
     parameters = {
-        "device": model.pipeline.device.info.name,
+        "device": pipeline.device.info.name,
         "format": provenance.get("format", ""),
         "weights": provenance.get("program", {}).get("weights", ""),
     }
+    service_input = signature.inputs[0]
     return v2.ModelConfig(
         name=model.name,
         platform=PLATFORM,
@@ -52,19 +61,17 @@ def model_config(model: ServedModel, policy: VersionPolicy) -> v2.ModelConfig:
         max_batch_size=batching.max_queue_size,
         input=[
             v2.ModelInput(
-                name=spec.name,
-                data_type=_data_type(spec.dtype),
-                dims=spec.shape[1:],
-                optional=len(signature.inputs) > 1,
+                name=service_input.name,
+                data_type=_data_type(service_input.dtype),
+                dims=_dims(service_input.shape),
             )
-            for spec in signature.inputs
         ],
         output=[
-            v2.ModelOutput(name=spec.name, data_type=_data_type(spec.dtype), dims=spec.shape[1:])
+            v2.ModelOutput(name=spec.name, data_type=_data_type(spec.dtype), dims=_dims(spec.shape))
             for spec in signature.outputs
         ],
         dynamic_batching=v2.ModelDynamicBatching(
-            preferred_batch_size=[batching.max_batch_size],
+            preferred_batch_size=[min(batching.max_batch_size, batching.max_queue_size)],
             max_queue_delay_microseconds=round(batching.max_queue_delay_s * 1e6),
         ),
         instance_group=[

@@ -91,10 +91,7 @@ def test_our_declarations_match_tritons_on_the_wire(report):
 def test_model_config_statistics_and_index(report):
     config = report["config"]["config"]
     assert (config["name"], config["max_batch_size"]) == ("tiny", 64)
-    assert [(i["name"], i["data_type"]) for i in config["input"]] == [
-        ("images", "TYPE_STRING"),
-        ("preprocessed", "TYPE_FP32"),
-    ]
+    assert [(i["name"], i["data_type"]) for i in config["input"]] == [("images", "TYPE_STRING")]
     assert config["dynamic_batching"]["preferred_batch_size"] == [8]
     (stats,) = report["statistics"]["model_stats"]
     # Taken after the client's inferences above: 2 images each, three answered calls.
