@@ -326,8 +326,9 @@ class Scheduler:
             result = stage.run(merged)
         except Exception as exc:
             if len(jobs) > 1:  # find whose input failed: each job alone
-                for job in jobs:  # the failed attempt was this stage's time too
-                    job.add_time(stage.role, time.perf_counter() - started)
+                failed_attempt = time.perf_counter() - started
+                for job in jobs:  # that attempt was this stage's time too
+                    job.add_time(stage.role, failed_attempt)
                 return [moving for job in jobs for moving in self._run_batch(index, stage, [job])]
             if index == self.device_stage:
                 self._on_fault(exc)
