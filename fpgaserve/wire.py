@@ -216,6 +216,12 @@ def tf_dtype(dtype: str) -> int:
 V2_DATATYPES = {"string": "BYTES", "float32": "FP32"}
 
 
+def v2_shape(shape: Sequence[int | None]) -> list[int]:
+    """A tensor spec's shape as v2 metadata (and Triton's configuration) write it: -1 for a
+    size that varies."""
+    return [-1 if size is None else size for size in shape]
+
+
 def _v2_bytes_elements(name: str, raw: bytes, shape: Sequence[int]) -> np.ndarray:
     """BYTES raw content: each element is a 4-byte little-endian length, then the bytes."""
     elements, offset = [], 0

@@ -16,7 +16,7 @@ import numpy as np
 from fpgaserve import __version__
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
-from fpgaserve.wire import V2_DATATYPES, from_v2, to_v2
+from fpgaserve.wire import V2_DATATYPES, from_v2, to_v2, v2_shape
 
 from .core import MAX_LOGGED_NAME, ServingCore, parse
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unimplemented
@@ -44,7 +44,7 @@ def _metadata(spec) -> v2.ModelMetadataResponse.TensorMetadata:
     return v2.ModelMetadataResponse.TensorMetadata(
         name=spec.name,
         datatype=V2_DATATYPES[spec.dtype],
-        shape=[-1 if size is None else size for size in spec.shape],
+        shape=v2_shape(spec.shape),
     )
 
 

@@ -6,7 +6,7 @@ to size batches, check inputs and split latency into queue and compute.
 from __future__ import annotations
 
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
-from fpgaserve.wire import V2_DATATYPES
+from fpgaserve.wire import V2_DATATYPES, v2_shape
 
 from .errors import NotFound, Unavailable
 from .model import AVAILABLE, LOADING, UNLOADING, ServedModel
@@ -33,8 +33,8 @@ def _version_policy(policy: VersionPolicy) -> v2.ModelVersionPolicy:
 
 
 def _dims(shape) -> list[int]:
-    """Without the batch dimension; -1 for a size that varies, as Triton writes it."""
-    return [-1 if size is None else size for size in shape[1:]]
+    """Without the batch dimension: Triton's dims when ``max_batch_size`` > 0."""
+    return v2_shape(shape)[1:]
 
 
 def model_config(model: ServedModel, policy: VersionPolicy) -> v2.ModelConfig:

@@ -12,10 +12,12 @@ import grpc
 import numpy as np
 import pytest
 from servers import channel, eventually, jpeg, requests_counted, running, tiny_archive
+from test_server import error_of
 
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import BatchingConfig, ServerConfig, VersionPolicy
+from fpgaserve.wire import to_v2
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
@@ -34,9 +36,9 @@ def stub(server):
 
 
 def infer_request(*images: bytes, model: str = "tiny", id: str = "") -> v2.ModelInferRequest:
-    raw = b"".join(len(image).to_bytes(4, "little") + image for image in images)
+    datatype, shape, raw = to_v2(np.array(images, dtype=object))
     request = v2.ModelInferRequest(model_name=model, id=id, raw_input_contents=[raw])
-    request.inputs.add(name="images", datatype="BYTES", shape=[len(images)])
+    request.inputs.add(name="images", datatype=datatype, shape=shape)
     request.outputs.add(name="probabilities")
     return request
 
@@ -46,9 +48,8 @@ def probabilities(response: v2.ModelInferResponse) -> np.ndarray:
 
 
 def code_of(call, request) -> tuple[str, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call(request, timeout=30)
-    return info.value.code().name, info.value.details()
+    error = error_of(call, request)
+    return error.code().name, error.details()
 
 
 def test_model_config_describes_the_model_and_its_batching(stub):
