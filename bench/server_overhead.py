@@ -12,6 +12,11 @@ pipeline time of the same request, p50 and p99, two ways:
   counts what the client's own TensorFlow run between calls costs the call after it (caches on
   a 2-CPU machine).
 
+Then the per-request figure again, measured by a lean native client (``bench/native_client.cc``,
+gRPC's C++ library; built when g++, pkg-config and libgrpc++-dev are present, else skipped with
+the reason): grpcio's Python client adds its own thread hand-offs and Python to what it
+observes, and that share is the client's, not the server's.
+
 Then throughput with 1, 4 and 16 concurrent clients.
 
 Part 2, pipelining: the emulator as device. Throughput with 16 concurrent batch-1 clients vs the
@@ -22,7 +27,7 @@ drifts), and the served rate counts whole cycles of completions (a device batch 
 clients at once, so a fixed window would cut a batch).
 
 Usage: python bench/server_overhead.py [--requests 300] [--seconds 10] [--queue-delay-ms 20]
-       [--skip-emulator]
+       [--skip-emulator] [--json FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +59,8 @@ from fpgaserve.server.core import SERVER_TIMING, parse_server_timing
 from fpgaserve.server.logs import configure as configure_logs
 
 BATCH = 8
+ROOT = Path(__file__).resolve().parents[1]
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
 # A lone request on a quiet server: long enough for the server's threads to go idle.
 IDLE_S = 0.02
 
@@ -158,12 +167,18 @@ def interleaved(pipeline: Pipeline, port: int, image: bytes, count: int):
     return local, remote
 
 
+def pipeline_seconds(timing: str) -> float:
+    """A request's pipeline time (preprocess + device + classify) from its ``server-timing``."""
+    stages = parse_server_timing(timing)
+    return stages["preprocess"] + stages["device"] + stages["classify"]
+
+
 def per_request(
     port: int, message, count: int, idle: float = 0.0
 ) -> tuple[list[float], list[float]]:
-    """Client-observed latency of each call and the same request's pipeline time (preprocess +
-    device + classify) as the server measured it, from its ``server-timing`` trailer. The
-    client waits ``idle`` seconds before each call (0: back to back)."""
+    """Client-observed latency of each call and the same request's pipeline time as the server
+    measured it, from its ``server-timing`` trailer. The client waits ``idle`` seconds before
+    each call (0: back to back)."""
     latencies, pipeline = [], []
     with grpc.insecure_channel(f"localhost:{port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -173,11 +188,61 @@ def per_request(
             _, call = stub.Predict.with_call(message, timeout=60)
             end = time.perf_counter()
             (timing,) = [v for k, v in call.trailing_metadata() if k == SERVER_TIMING]
-            stages = parse_server_timing(timing)
             if index >= 10:  # warm-up
                 latencies.append(end - start)
-                pipeline.append(stages["preprocess"] + stages["device"] + stages["classify"])
+                pipeline.append(pipeline_seconds(timing))
     return latencies, pipeline
+
+
+def build_native_client() -> tuple[Path | None, str]:
+    """``bench/native_client.cc`` compiled (again when the source is newer) into ``build/``, or
+    None and why not."""
+    source, binary = ROOT / "bench" / "native_client.cc", ROOT / "build" / "bench" / "native_client"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary, ""
+    compiler, pkg_config = shutil.which("g++"), shutil.which("pkg-config")
+    if compiler is None or pkg_config is None:
+        return None, "g++ or pkg-config is missing"
+    flags = subprocess.run(
+        [pkg_config, "--cflags", "--libs", "grpc++"], capture_output=True, text=True
+    )
+    if flags.returncode != 0:
+        return None, "gRPC's C++ library is missing (Debian/Ubuntu: apt install libgrpc++-dev)"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run(
+        [compiler, "-O2", "-std=c++17", str(source), *flags.stdout.split(), "-o", str(binary)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if built.returncode != 0:
+        return None, f"it did not compile: {built.stderr.strip()[-500:]}"
+    return binary, ""
+
+
+def per_request_native(
+    binary: Path, port: int, message, count: int, idle: float = 0.0
+) -> tuple[list[float], list[float]]:
+    """``per_request``, measured by the native client."""
+    with tempfile.NamedTemporaryFile(suffix=".bin") as raw:
+        raw.write(message.SerializeToString())
+        raw.flush()
+        command = [binary, f"localhost:{port}", PREDICT, raw.name, count + 10, round(idle * 1e3)]
+        done = subprocess.run([str(arg) for arg in command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the native client failed: {done.stderr.strip()}")
+    latencies, pipeline = [], []
+    for line in done.stdout.splitlines()[10:]:  # after the warm-up calls
+        microseconds, timing = line.split("\t")
+        latencies.append(float(microseconds) / 1e6)
+        pipeline.append(pipeline_seconds(timing))
+    return latencies, pipeline
+
+
+def overhead(
+    latencies: list[float], pipeline: list[float]
+) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """(p50, p99) of the latencies, of the pipeline times, and of each request's difference."""
+    added = [c - p for c, p in zip(latencies, pipeline, strict=True)]
+    return percentiles(latencies), percentiles(pipeline), percentiles(added)
 
 
 def throughput(port: int, message, clients: int, seconds: float) -> tuple[float, list[float]]:
@@ -260,10 +325,8 @@ def main() -> int:
             "server and client in separate processes"
         )
         with serve_in_child(archive, "instant") as port:
-            latencies, pipeline_times = per_request(port, message, args.requests)
-            added = [c - p for c, p in zip(latencies, pipeline_times, strict=True)]
-            (c50, c99), (p50, p99) = percentiles(latencies), percentiles(pipeline_times)
-            (a50, a99) = percentiles(added)
+            timed = per_request(port, message, args.requests)
+            (c50, c99), (p50, p99), (a50, a99) = overhead(*timed)
             print("  per request, against the server's own stage times (server-timing):")
             print(f"    client over gRPC        p50 {c50 * 1e3:7.3f} ms   p99 {c99 * 1e3:7.3f} ms")
             print(f"    pipeline in the server  p50 {p50 * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms")
@@ -271,12 +334,24 @@ def main() -> int:
                 f"    server overhead         p50 {a50 * 1e3:7.3f} ms   p99 {a99 * 1e3:7.3f} ms"
                 "   (goal: p50 <= 1 ms)"
             )
-            latencies, pipeline_times = per_request(port, message, args.requests, IDLE_S)
-            added = [c - p for c, p in zip(latencies, pipeline_times, strict=True)]
-            (i50, i99), (ip50, _) = percentiles(added), percentiles(pipeline_times)
+            _, (ip50, _), (i50, i99) = overhead(*per_request(port, message, args.requests, IDLE_S))
             print(f"  the same, each call after {IDLE_S * 1e3:.0f} ms idle:")
             print(f"    pipeline in the server  p50 {ip50 * 1e3:7.3f} ms")
             print(f"    server overhead         p50 {i50 * 1e3:7.3f} ms   p99 {i99 * 1e3:7.3f} ms")
+            native, why_not = build_native_client()
+            native_figures = {}
+            if native is None:
+                print(f"  the native client is skipped: {why_not}")
+            else:
+                print("  the same, measured by the native client (bench/native_client.cc):")
+            for key, idle in (("back_to_back", 0.0), ("after_idle", IDLE_S)) if native else ():
+                timed = per_request_native(native, port, message, args.requests, idle)
+                _, _, (n50, n99) = overhead(*timed)
+                print(
+                    f"    server overhead, {key.replace('_', ' '):<12} p50 {n50 * 1e3:7.3f} ms   "
+                    f"p99 {n99 * 1e3:7.3f} ms"
+                )
+                native_figures[key] = {"p50": n50 * 1e3, "p99": n99 * 1e3}
             with Pipeline.load(archive, InstantDevice()) as pipeline:
                 local, remote = interleaved(pipeline, port, image, args.requests)
             (l50, l99), (r50, r99) = percentiles(local), percentiles(remote)
@@ -293,6 +368,8 @@ def main() -> int:
                 "vs_in_process_ms": {"p50": (r50 - l50) * 1e3, "p99": (r99 - l99) * 1e3},
                 "concurrency": [],
             }  # fmt: skip
+            if native_figures:
+                report["native_client_overhead_ms"] = native_figures
             for clients in (1, 4, 16):
                 rate, latencies = throughput(port, message, clients, args.seconds)
                 one = one or rate
