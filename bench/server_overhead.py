@@ -17,6 +17,13 @@ gRPC's C++ library; built when g++, pkg-config and libgrpc++-dev are present, el
 the reason): grpcio's Python client adds its own thread hand-offs and Python to what it
 observes, and that share is the client's, not the server's.
 
+Then the floor, measured alongside: a bare grpcio server in its own process that runs the same
+three stages and nothing else, measured in turns with the served model (rounds of back-to-back
+calls to each, both clients). Its overhead is what gRPC's Python server and the stages' own
+Python leave on this machine, which no server written with grpcio goes below; the served
+model's figure minus it is this server's own request path (request ids, admission, checks,
+scheduler, metrics, logs).
+
 Then throughput with 1, 4 and 16 concurrent clients.
 
 Part 2, pipelining: the emulator as device. Throughput with 16 concurrent batch-1 clients vs the
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -43,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -55,12 +64,16 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from fpgaserve.hal import Device, DeviceInfo, open_device
 from fpgaserve.pipeline import ImagePreprocessing, ModelDefinition, Pipeline, QuantizedZooModel
 from fpgaserve.server import BatchingConfig, FpgaServer, ServerConfig
-from fpgaserve.server.core import SERVER_TIMING, parse_server_timing
+from fpgaserve.server.core import SERVER_TIMING, parse_server_timing, server_timing
 from fpgaserve.server.logs import configure as configure_logs
+from fpgaserve.server.tfserving import DEFAULT_OUTPUT_ALIAS
+from fpgaserve.wire import from_tensor_proto, to_tensor_proto
 
 BATCH = 8
 ROOT = Path(__file__).resolve().parents[1]
-PREDICT = "/tensorflow.serving.PredictionService/Predict"
+PREDICT_SERVICE = "tensorflow.serving.PredictionService"
+PREDICT = f"/{PREDICT_SERVICE}/Predict"
+STAGE_ROLES = ("preprocess", "device", "classify")
 # A lone request on a quiet server: long enough for the server's threads to go idle.
 IDLE_S = 0.02
 
@@ -121,19 +134,63 @@ def _serve_child(archive: Path, device: str, delay_s: float, ports, stop) -> Non
         server.stop(30)
 
 
+def _bare_child(archive: Path, ports, stop) -> None:
+    """The floor for any server written with grpcio: its sync server running Predict as the
+    three stages and nothing else (no request id, admission, input checks, scheduler, deadline,
+    metrics, statistics or log line), answering what the served model answers."""
+    with Pipeline.load(archive, InstantDevice()) as pipeline:
+
+        def predict(message: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+            value, timings = from_tensor_proto("images", message.inputs["images"]), {}
+            for role, runner in zip(STAGE_ROLES, pipeline.runners, strict=True):
+                start = time.perf_counter()
+                value = runner(value)
+                timings[role] = time.perf_counter() - start
+            answer = predict_pb2.PredictResponse()
+            answer.model_spec.CopyFrom(message.model_spec)
+            to_tensor_proto(value, answer.outputs[DEFAULT_OUTPUT_ALIAS], typed=True)
+            context.set_trailing_metadata([(SERVER_TIMING, server_timing(timings))])
+            return answer
+
+        method = grpc.unary_unary_rpc_method_handler(
+            predict,
+            request_deserializer=predict_pb2.PredictRequest.FromString,
+            response_serializer=predict_pb2.PredictResponse.SerializeToString,
+        )
+        server = grpc.server(
+            ThreadPoolExecutor(4),
+            handlers=[grpc.method_handlers_generic_handler(PREDICT_SERVICE, {"Predict": method})],
+        )
+        ports.put(server.add_insecure_port("localhost:0"))
+        server.start()
+        stop.wait()
+        server.stop(5)
+
+
 @contextlib.contextmanager
-def serve_in_child(archive: Path, device: str, delay_s: float = 0.0):
-    """The server in its own process, as in production: the client does not share its GIL.
-    It logs as ``fpgaserve serve`` does (JSON, a line per request) to a file by the archive."""
+def _in_child(target, *args):
+    """``target(*args, ports, stop)`` in its own process, as in production: the client does
+    not share its GIL. Yields the port it serves on."""
     context = multiprocessing.get_context("spawn")
     ports, stop = context.Queue(), context.Event()
-    child = context.Process(target=_serve_child, args=(archive, device, delay_s, ports, stop))
+    child = context.Process(target=target, args=(*args, ports, stop))
     child.start()
     try:
         yield ports.get(timeout=600)
     finally:
         stop.set()
         child.join(60)
+
+
+def serve_in_child(archive: Path, device: str, delay_s: float = 0.0):
+    """The server in its own process. It logs as ``fpgaserve serve`` does (JSON, a line per
+    request) to a file by the archive."""
+    return _in_child(_serve_child, archive, device, delay_s)
+
+
+def bare_in_child(archive: Path):
+    """The bare grpcio server (``_bare_child``) in its own process."""
+    return _in_child(_bare_child, archive)
 
 
 def serve(archive: Path, device: Device, delay_s: float = 0.0) -> FpgaServer:
@@ -170,12 +227,13 @@ def interleaved(pipeline: Pipeline, port: int, image: bytes, count: int):
 def pipeline_seconds(timing: str) -> float:
     """A request's pipeline time (preprocess + device + classify) from its ``server-timing``."""
     stages = parse_server_timing(timing)
-    return stages["preprocess"] + stages["device"] + stages["classify"]
+    return sum(stages[role] for role in STAGE_ROLES)
 
 
-def per_request(
-    port: int, message, count: int, idle: float = 0.0
-) -> tuple[list[float], list[float]]:
+Timed = tuple[list[float], list[float]]  # each call's client-observed and pipeline seconds
+
+
+def per_request(port: int, message, count: int, idle: float = 0.0) -> Timed:
     """Client-observed latency of each call and the same request's pipeline time as the server
     measured it, from its ``server-timing`` trailer. The client waits ``idle`` seconds before
     each call (0: back to back)."""
@@ -218,9 +276,7 @@ def build_native_client() -> tuple[Path | None, str]:
     return binary, ""
 
 
-def per_request_native(
-    binary: Path, port: int, message, count: int, idle: float = 0.0
-) -> tuple[list[float], list[float]]:
+def per_request_native(binary: Path, port: int, message, count: int, idle: float = 0.0) -> Timed:
     """``per_request``, measured by the native client."""
     with tempfile.NamedTemporaryFile(suffix=".bin") as raw:
         raw.write(message.SerializeToString())
@@ -243,6 +299,42 @@ def overhead(
     """(p50, p99) of the latencies, of the pipeline times, and of each request's difference."""
     added = [c - p for c, p in zip(latencies, pipeline, strict=True)]
     return percentiles(latencies), percentiles(pipeline), percentiles(added)
+
+
+FLOOR_ROUNDS = 6
+
+
+def floor(archive: Path, port: int, message, count: int, native: Path | None) -> dict:
+    """The served model's overhead next to the bare grpcio server's (``_bare_child``), measured
+    in turns (``FLOOR_ROUNDS`` rounds of back-to-back calls to each) so that the machine's drift
+    hits both alike. What the served model adds over the bare server is this server's own
+    request path; the bare server's figure is what gRPC's Python server and the stages' own
+    Python leave on this machine (the floor)."""
+    print("  against a bare grpcio server that runs the same stages and nothing else (the floor),")
+    print(f"  in {FLOOR_ROUNDS} rounds of back-to-back calls to each server in turn:")
+    block = max(1, count // FLOOR_ROUNDS)
+    clients = {"python": functools.partial(per_request, message=message, count=block)}
+    if native is not None:
+        clients["native"] = functools.partial(
+            per_request_native, native, message=message, count=block
+        )
+    figures = {}
+    with bare_in_child(archive) as bare:
+        for client, measure in clients.items():
+            timed: dict[int, Timed] = {server: ([], []) for server in (port, bare)}
+            for _ in range(FLOOR_ROUNDS):
+                for server, (latencies, pipeline) in timed.items():
+                    more_latencies, more_pipeline = measure(server)
+                    latencies += more_latencies
+                    pipeline += more_pipeline
+            served, bare_p50 = (overhead(*timed[server])[2][0] for server in (port, bare))
+            print(
+                f"    {client:<6} client: served p50 {served * 1e3:6.3f} ms, bare p50 "
+                f"{bare_p50 * 1e3:6.3f} ms: the server's own path "
+                f"{(served - bare_p50) * 1e3:6.3f} ms (x{served / bare_p50:.2f} of the floor)"
+            )
+            figures[client] = {"served_p50": served * 1e3, "bare_p50": bare_p50 * 1e3}
+    return figures
 
 
 def throughput(port: int, message, clients: int, seconds: float) -> tuple[float, list[float]]:
@@ -352,6 +444,7 @@ def main() -> int:
                         f"p50 {n50 * 1e3:7.3f} ms   p99 {n99 * 1e3:7.3f} ms"
                     )
                     native_figures[key] = {"p50": n50 * 1e3, "p99": n99 * 1e3}
+            floor_figures = floor(archive, port, message, args.requests, native)
             with Pipeline.load(archive, InstantDevice()) as pipeline:
                 local, remote = interleaved(pipeline, port, image, args.requests)
             (l50, l99), (r50, r99) = percentiles(local), percentiles(remote)
@@ -370,6 +463,7 @@ def main() -> int:
             }  # fmt: skip
             if native_figures:
                 report["native_client_overhead_ms"] = native_figures
+            report["floor_ms"] = floor_figures
             for clients in (1, 4, 16):
                 rate, latencies = throughput(port, message, clients, args.seconds)
                 one = one or rate
