@@ -20,7 +20,7 @@ observes, and that share is the client's, not the server's.
 Then the floor, measured alongside: a bare grpcio server in its own process that runs the same
 three stages and nothing else, measured in turns with the served model (rounds of back-to-back
 calls to each, both clients). Its overhead is what gRPC's Python server and the stages' own
-Python leave on this machine, which no server written with grpcio goes below; the served
+Python leave on this machine, which no server on grpcio's sync server goes below; the served
 model's figure minus it is this server's own request path (request ids, admission, checks,
 scheduler, metrics, logs).
 
@@ -135,7 +135,7 @@ def _serve_child(archive: Path, device: str, delay_s: float, ports, stop) -> Non
 
 
 def _bare_child(archive: Path, ports, stop) -> None:
-    """The floor for any server written with grpcio: its sync server running Predict as the
+    """The floor for any server on grpcio's sync server: that server running Predict as the
     three stages and nothing else (no request id, admission, input checks, scheduler, deadline,
     metrics, statistics or log line), answering what the served model answers."""
     with Pipeline.load(archive, InstantDevice()) as pipeline:
