@@ -120,6 +120,14 @@ def request(image: bytes) -> predict_pb2.PredictRequest:
     return message
 
 
+def default_archive(folder: Path) -> Path:
+    """The default model's service definition (ResNet-50 msfp16, random weights: speed does not
+    depend on them), saved in ``folder``."""
+    model = QuantizedZooModel("resnet50", "random", "msfp16", progress=False)
+    stages = [ImagePreprocessing(preset="caffe"), model.featurizer(), model.default_classifier()]
+    return ModelDefinition("resnet50", stages).save(folder / "resnet50.zip")
+
+
 def percentiles(samples: list[float]) -> tuple[float, float]:
     return float(np.percentile(samples, 50)), float(np.percentile(samples, 99))
 
@@ -134,26 +142,29 @@ def _serve_child(archive: Path, device: str, delay_s: float, ports, stop) -> Non
         server.stop(30)
 
 
+def bare_predict(
+    runners: list, message: predict_pb2.PredictRequest, context: grpc.ServicerContext
+) -> predict_pb2.PredictResponse:
+    """Predict as the three stages and nothing else (no request id, admission, input checks,
+    scheduler, deadline, metrics, statistics or log line), answering what the served model
+    answers: the floor's request path."""
+    value, timings = from_tensor_proto("images", message.inputs["images"]), {}
+    for role, runner in zip(STAGE_ROLES, runners, strict=True):
+        start = time.perf_counter()
+        value = runner(value)
+        timings[role] = time.perf_counter() - start
+    answer = predict_pb2.PredictResponse()
+    answer.model_spec.CopyFrom(message.model_spec)
+    to_tensor_proto(value, answer.outputs[DEFAULT_OUTPUT_ALIAS], typed=True)
+    context.set_trailing_metadata([(SERVER_TIMING, server_timing(timings))])
+    return answer
+
+
 def _bare_child(archive: Path, ports, stop) -> None:
-    """The floor for any server on grpcio's sync server: that server running Predict as the
-    three stages and nothing else (no request id, admission, input checks, scheduler, deadline,
-    metrics, statistics or log line), answering what the served model answers."""
+    """The floor for any server on grpcio's sync server: that server running ``bare_predict``."""
     with Pipeline.load(archive, InstantDevice()) as pipeline:
-
-        def predict(message: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-            value, timings = from_tensor_proto("images", message.inputs["images"]), {}
-            for role, runner in zip(STAGE_ROLES, pipeline.runners, strict=True):
-                start = time.perf_counter()
-                value = runner(value)
-                timings[role] = time.perf_counter() - start
-            answer = predict_pb2.PredictResponse()
-            answer.model_spec.CopyFrom(message.model_spec)
-            to_tensor_proto(value, answer.outputs[DEFAULT_OUTPUT_ALIAS], typed=True)
-            context.set_trailing_metadata([(SERVER_TIMING, server_timing(timings))])
-            return answer
-
         method = grpc.unary_unary_rpc_method_handler(
-            predict,
+            functools.partial(bare_predict, pipeline.runners),
             request_deserializer=predict_pb2.PredictRequest.FromString,
             response_serializer=predict_pb2.PredictResponse.SerializeToString,
         )
@@ -403,13 +414,7 @@ def main() -> int:
     image = photo()
     message = request(image)
     with tempfile.TemporaryDirectory() as folder:
-        model = QuantizedZooModel("resnet50", "random", "msfp16", progress=False)
-        stages = [
-            ImagePreprocessing(preset="caffe"),
-            model.featurizer(),
-            model.default_classifier(),
-        ]
-        archive = ModelDefinition("resnet50", stages).save(Path(folder) / "resnet50.zip")
+        archive = default_archive(Path(folder))
 
         print(
             f"Server overhead: ResNet-50 pipeline, batch-1 {len(image) // 1024} KiB JPEG, device "

@@ -1,0 +1,168 @@
+"""The server's own Python per request, measured hot and in-process, against the floor's.
+
+The end-to-end overhead (``bench/server_overhead.py``) drifts with the machine's phase by more
+than any one change to the server; the Python that the server runs for a request does not. Here
+the served model's Predict and the floor's (``bare_predict``: the stages and nothing else) run in
+one process, with each stage replaced by a replay of its real output, so that only the request
+path's own work is timed. Each call includes parsing the request and serializing the answer, as
+gRPC would; the served model's accounting (metrics and the access log line, which gRPC runs once
+the answer is sent) is timed on its own.
+
+On the 2-CPU VM this code runs 3-5 times slower cold, right after a request's few milliseconds
+of TensorFlow, than in this tight loop, so a microsecond here is several in the end-to-end
+figure; the ratio to the floor is what carries over.
+
+Usage: python bench/request_path.py [--calls 2000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+from server_overhead import (
+    PREDICT,
+    InstantDevice,
+    bare_predict,
+    default_archive,
+    photo,
+    request,
+    serve,
+)
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2
+
+from fpgaserve.server.core import parsing_handler
+from fpgaserve.server.logs import configure as configure_logs
+from fpgaserve.server.tfserving import PredictionService
+from fpgaserve.wire import from_tensor_proto
+
+
+class _Details(NamedTuple):
+    method: str
+    invocation_metadata: tuple
+
+
+class _Context:
+    """What a handler asks of grpcio's servicer context, for a call with a 60 s deadline that
+    stays active; the callbacks it registers are kept to run as gRPC would, after the answer."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 60.0
+
+    def is_active(self) -> bool:
+        return True
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing = metadata
+
+    def send_initial_metadata(self, metadata: Any) -> None:
+        self.initial = metadata
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError(f"the benchmark's request was refused: {code.name}: {details}")
+
+
+def _replayed(run: Callable[[Any], Any], value: Any) -> tuple[Callable[[Any], Any], Any]:
+    """A stage function that answers ``run(value)`` at once, and that answer."""
+    output = run(value)
+    return (lambda _value: output), output
+
+
+def _median_us(function: Callable[[], object], calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    raw = request(photo()).SerializeToString()
+    with tempfile.TemporaryDirectory() as folder:
+        archive = default_archive(Path(folder))
+        with open(Path(folder) / "access.log", "w") as log:
+            configure_logs("json", stream=log)  # an access log line per request, as deployed
+            server = serve(archive, InstantDevice())
+            try:
+                figures = _measure(server, raw, args.calls, args.rounds)
+            finally:
+                server.stop(5)
+    served, bare, accounting = (statistics.median(column) for column in zip(*figures, strict=True))
+    print(
+        f"Request path, in-process and hot: batch-1 Predict, stages replayed; medians of "
+        f"{args.rounds} rounds of {args.calls} calls each"
+    )
+    for (name, what), us in zip(
+        (
+            ("floor", "the stages and nothing else (bare_predict)"),
+            ("served", "Predict as the server runs it, up to the answer"),
+            ("accounting", "then metrics and access line, after the answer"),
+        ),
+        (bare, served, accounting),
+        strict=True,
+    ):
+        print(f"  {name:11s} {us:7.1f} us   {what}")
+    print(f"  served / floor: x{served / bare:.2f}; its own path: {served - bare:.1f} us")
+    return 0
+
+
+def _measure(server, raw: bytes, calls: int, rounds: int) -> list[tuple[float, float, float]]:
+    """(served, floor, accounting) microseconds per call, one triple per round; the stages of
+    the served model are replaced by replays of their real outputs first."""
+    (model,) = server.repository.served()
+    message = predict_pb2.PredictRequest.FromString(raw)
+    value = from_tensor_proto("images", message.inputs["images"])
+    scheduler = model.scheduler
+    for index, spec in enumerate(scheduler.stages):
+        run, value = _replayed(spec.run, value)
+        scheduler.stages[index] = dataclasses.replace(spec, run=run)
+    runners = [spec.run for spec in scheduler.stages]
+    handler = parsing_handler(PredictionService(server.core), prediction_service_pb2)
+    method = handler.service(_Details(PREDICT, ()))
+    pending: list[Callable[[], None]] = []
+
+    def served() -> bytes:
+        context = _Context()
+        answer = method.response_serializer(method.unary_unary(raw, context))
+        pending.extend(context.callbacks)
+        return answer
+
+    def bare() -> bytes:
+        parsed = predict_pb2.PredictRequest.FromString(raw)
+        return bare_predict(runners, parsed, _Context()).SerializeToString()
+
+    def account() -> None:
+        pending.pop()()
+
+    figures = []
+    for _ in range(rounds):
+        served_us = _median_us(served, calls)
+        figures.append((served_us, _median_us(bare, calls), _median_us(account, calls)))
+        pending.clear()
+    return figures
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
