@@ -50,12 +50,13 @@ _V2_FLOATS = {
 
 
 def _count(name: str, shape: Sequence[int]) -> int:
-    if any(size < 0 for size in shape):
+    if min(shape, default=0) < 0:
         raise WireError(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
     # NumPy multiplies every dimension, zeros aside, in int64: refuse what it cannot hold.
-    if math.prod(max(size, 1) for size in shape) >= 2**62:
+    if (count or math.prod(size for size in shape if size)) >= 2**62:
         raise WireError(f"tensor {name!r}: shape {list(shape)} is impossibly large")
-    return math.prod(shape)
+    return count
 
 
 def _from_bytes(name: str, data: bytes, dtype: type, shape: Sequence[int]) -> np.ndarray:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -116,13 +117,19 @@ def parse_server_timing(value: str) -> dict[str, float]:
     return {name: float(ms) / 1e3 for name, ms in parts}
 
 
+# Fresh request ids: 32 hex digits as a UUID's, a random prefix per process and a counter. Unique
+# (what a log needs) without uuid4's system call and object per request.
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count()  # next() on it is atomic under the GIL
+
+
 def request_id(context: grpc.ServicerContext) -> str:
     """The caller's ``x-request-id`` if it sent a sane one, else a fresh one."""
     for key, value in context.invocation_metadata() or ():
         sane = isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable()
         if key == REQUEST_ID and sane:
             return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) % 2**48:012x}"
 
 
 # Messages quote what clients sent; past ~8 KiB (non-ASCII is percent-encoded, 6 bytes a

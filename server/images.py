@@ -14,7 +14,8 @@ from .errors import InvalidArgument
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers that carry the frame size (not DHT C4, JPG C8, DAC CC).
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn: markers without a length
 DEFAULT_MAX_PIXELS = 40_000_000
 # Preprocessing scales the shorter side to 256 before cropping: a 8000 x 1 image would become
 # 256 x 2 048 000. Past this ratio an image is refused from its header.
@@ -30,7 +31,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             offset += 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+        if marker in _NO_LENGTH:
             offset += 2
             continue
         (length,) = struct.unpack_from(">H", data, offset + 2)

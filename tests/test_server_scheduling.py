@@ -21,7 +21,7 @@ from test_server import predict_request
 from fpgaserve.pipeline import Pipeline
 from fpgaserve.server import BatchingConfig, ServerConfig
 from fpgaserve.server.core import SERVER_TIMING, parse_server_timing
-from fpgaserve.server.errors import Cancelled
+from fpgaserve.server.errors import Cancelled, InvalidArgument
 from fpgaserve.server.scheduler import Job, Scheduler, StageSpec
 
 
@@ -289,5 +289,29 @@ def test_a_job_whose_caller_left_is_dropped_before_its_next_stage():
             dropped.future.result(30)
         assert [index for index, _, _ in stages.runs] == [0, 1]  # classify never ran
         assert scheduler.in_flight == 0
+    finally:
+        scheduler.close(10)
+
+
+@pytest.mark.parametrize(
+    ("output", "refused"),
+    [
+        (np.full((1, 4), 3e38, np.float32), False),  # finite, though its sum overflows float32
+        (np.full((1, 4), 1e308), False),  # and float64
+        (np.array([[np.nan]]), True),
+        (np.array([[1.0, np.nan]], np.float32), True),
+        (np.array([[1.0, -np.inf]], np.float32), True),
+    ],
+)
+def test_an_answer_that_is_not_finite_is_refused_and_only_that(output, refused):
+    stage = StageSpec("classify", "out", lambda batch: output)
+    scheduler = Scheduler("test", [stage], 0, BatchingConfig())
+    try:
+        done = scheduler.submit(Job(np.array([0.0]), 1, 0, 0, frozenset({"out"})))
+        if refused:
+            with pytest.raises(InvalidArgument, match="not finite"):
+                done.future.result(30)
+        else:
+            np.testing.assert_array_equal(done.future.result(30)["out"], output)
     finally:
         scheduler.close(10)

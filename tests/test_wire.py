@@ -89,3 +89,16 @@ def test_a_shape_over_the_callers_limit_is_refused_before_its_content_is_read():
     assert from_tensor_proto("x", proto, max_elements=20).shape == (4, 5)
     with pytest.raises(WireError, match=r"holds 20 elements, more than one request may carry"):
         from_tensor_proto("x", proto, max_elements=19)
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"),
+    [
+        ([-1, -2], "has a negative dimension"),  # their product is positive
+        ([0, 2**31, 2**31], "is impossibly large"),  # empty, but NumPy cannot hold its shape
+    ],
+)
+def test_shapes_numpy_cannot_hold_are_refused(shape, error):
+    proto = _compact(types_pb2.DT_FLOAT, "float_val", [1.0, 2.0], shape)
+    with pytest.raises(WireError, match=error):
+        from_tensor_proto("x", proto)
