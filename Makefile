@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py --json bench/results/accuracy.json
 	$(BIN)/python bench/opencl_resnet50.py
 	$(BIN)/python bench/server_overhead.py --json bench/results/server_overhead.json
+	$(BIN)/python bench/request_path.py
 	$(BIN)/python bench/report_plots.py
 
 protos: $(STAMP)
