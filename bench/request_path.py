@@ -8,9 +8,9 @@ path's own work is timed. Each call includes parsing the request and serializing
 gRPC would; the served model's accounting (metrics and the access log line, which gRPC runs once
 the answer is sent) is timed on its own.
 
-On the 2-CPU VM this code runs 3-5 times slower cold, right after a request's few milliseconds
-of TensorFlow, than in this tight loop, so a microsecond here is several in the end-to-end
-figure; the ratio to the floor is what carries over.
+On the 2-CPU VM this code runs about five times slower cold, right after a request's few
+milliseconds of TensorFlow, than in this tight loop, so a microsecond here is several in the
+end-to-end figure; the ratio to the floor is what carries over.
 
 Usage: python bench/request_path.py [--calls 2000] [--rounds 5]
 """
@@ -38,6 +38,7 @@ from server_overhead import (
 )
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2
 
+from fpgaserve.server import FpgaServer
 from fpgaserve.server.core import parsing_handler
 from fpgaserve.server.logs import configure as configure_logs
 from fpgaserve.server.tfserving import PredictionService
@@ -128,7 +129,9 @@ def main() -> int:
     return 0
 
 
-def _measure(server, raw: bytes, calls: int, rounds: int) -> list[tuple[float, float, float]]:
+def _measure(
+    server: FpgaServer, raw: bytes, calls: int, rounds: int
+) -> list[tuple[float, float, float]]:
     """(served, floor, accounting) microseconds per call, one triple per round; the stages of
     the served model are replaced by replays of their real outputs first."""
     (model,) = server.repository.served()

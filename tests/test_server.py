@@ -228,6 +228,15 @@ def test_metadata_status_and_classify(server):
         assert second == alone and alone != result
 
 
+def test_calls_without_a_request_id_get_a_fresh_one_each(server, stub):
+    ids = []
+    for _ in range(3):
+        _, call = stub.Predict.with_call(predict_request([jpeg(0)]), timeout=30)
+        ids.append(dict(call.trailing_metadata())["x-request-id"])
+    assert len(set(ids)) == 3
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in ids)  # 32 hex digits
+
+
 def test_methods_not_served_say_what_to_use_and_are_counted(server, stub):
     regress = regression_pb2.RegressionRequest()
     regress.model_spec.name = "tiny"
