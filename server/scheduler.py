@@ -119,9 +119,9 @@ class Job:
 
 
 class _StageQueue:
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
         self.jobs: deque[Job] = deque()
-        self.ready = threading.Condition()
+        self.ready = threading.Condition(lock)  # the scheduler's one lock
         self.running = False  # a batch of this stage is running, on its worker or inline
 
 
@@ -141,8 +141,10 @@ class Scheduler:
         self.name, self.stages, self.config = name, list(stages), config
         self.device_stage = device_stage
         self._on_batch, self._on_fault, self._on_success = on_batch, on_fault, on_success
-        self._queues = [_StageQueue() for _ in self.stages]
+        # One lock for admission and every stage's queue: a lone request takes it once per
+        # stage, and the counts it guards (in flight, upstream) are read where they change.
         self._lock = threading.Lock()
+        self._queues = [_StageQueue(self._lock) for _ in self.stages]
         self._in_flight = 0  # images admitted and not yet resolved
         # Jobs that will reach each stage and have not been taken by it yet.
         self._upstream = [0] * len(self.stages)
@@ -216,24 +218,24 @@ class Scheduler:
         stage's worker (False): when the stage is busy, has jobs waiting, runs only on its
         worker, or is the device stage and may wait for requests still upstream to fill a
         batch."""
-        queue = self._queues[index]
-        with queue.ready:
+        queue, entered = self._queues[index], job.start < index
+        with self._lock:
             gathering = (
                 index == self.device_stage
                 and self.config.max_queue_delay_s > 0
-                and self._upstream[index] > self._counted(index, [job])
+                and self._upstream[index] > entered
             )
             if queue.running or queue.jobs or gathering or not self.stages[index].inline:
                 queue.jobs.append(job)
                 queue.ready.notify()
                 return False
             queue.running = True
-            self._taken(index, [job])
+            self._upstream[index] -= entered
             return True
 
     def _release(self, index: int) -> None:
         queue = self._queues[index]
-        with queue.ready:
+        with self._lock:
             queue.running = False
             if queue.jobs:  # queued while the stage ran: its worker takes them now
                 queue.ready.notify()
@@ -242,7 +244,7 @@ class Scheduler:
 
     def _enqueue(self, index: int, job: Job) -> None:
         queue = self._queues[index]
-        with queue.ready:
+        with self._lock:
             queue.jobs.append(job)
             queue.ready.notify()
 
@@ -279,8 +281,8 @@ class Scheduler:
         return sum(1 for job in batch if job.start < index)
 
     def _taken(self, index: int, batch: list[Job]) -> list[Job]:
-        with self._lock:
-            self._upstream[index] -= self._counted(index, batch)
+        """``batch`` leaves the jobs still to reach stage ``index``; called with the lock held."""
+        self._upstream[index] -= self._counted(index, batch)
         return batch
 
     def _work(self, index: int) -> None:
@@ -321,10 +323,14 @@ class Scheduler:
 
     def _run_batch(self, index: int, stage: StageSpec, jobs: list[Job]) -> list[Job]:
         started = time.perf_counter()
+        alone = len(jobs) == 1
         try:
-            values = [job.value for job in jobs]
-            merged = values[0] if len(values) == 1 else np.concatenate(values)
+            merged = jobs[0].value if alone else np.concatenate([job.value for job in jobs])
             result = stage.run(merged)
+            if len(result) != len(merged):  # each job's rows would be someone else's
+                raise RuntimeError(
+                    f"the {stage.role} stage answered {len(result)} items for {len(merged)}"
+                )
         except Exception as exc:
             if len(jobs) > 1:  # find whose input failed: each job alone
                 failed_attempt = time.perf_counter() - started
@@ -343,7 +349,8 @@ class Scheduler:
         self._on_batch(stage.role, jobs, elapsed)
         offset, moving = 0, []
         for job in jobs:
-            part = result[offset : offset + job.size]
+            # A slice is a NumPy call per job and stage, slow in a request's cold path.
+            part = result if alone else result[offset : offset + job.size]
             offset += job.size
             job.add_time(stage.role, elapsed)
             for name, seconds in extra.items():
@@ -363,7 +370,7 @@ class Scheduler:
             self._in_flight -= job.size
             for later in range(index + 1, job.last + 1):
                 self._upstream[later] -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and not self._accepting:  # a drain is waiting
                 self._idle.notify_all()
         error = error or _not_finite(job.outputs)
         if error is None:

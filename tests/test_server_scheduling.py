@@ -21,7 +21,7 @@ from test_server import predict_request
 from fpgaserve.pipeline import Pipeline
 from fpgaserve.server import BatchingConfig, ServerConfig
 from fpgaserve.server.core import SERVER_TIMING, parse_server_timing
-from fpgaserve.server.errors import Cancelled, InvalidArgument
+from fpgaserve.server.errors import Cancelled, InvalidArgument, ServingError
 from fpgaserve.server.scheduler import Job, Scheduler, StageSpec
 
 
@@ -314,4 +314,35 @@ def test_an_answer_that_is_not_finite_is_refused_and_only_that(output, refused):
         else:
             np.testing.assert_array_equal(done.future.result(30)["out"], output)
     finally:
+        scheduler.close(10)
+
+
+def test_a_stage_that_answers_the_wrong_number_of_items_fails_every_job_it_ran():
+    """A batch's answer is cut into its jobs' rows: a stage that answered more or fewer items
+    than it was given would hand jobs other jobs' rows, so each job fails instead, alone or in
+    a batch of several."""
+    gate, sizes = threading.Event(), []
+
+    def run(batch):
+        sizes.append(len(batch))
+        assert gate.wait(30)
+        return np.concatenate([batch, batch])
+
+    scheduler = Scheduler("test", [StageSpec("classify", "out", run)], 0, BatchingConfig())
+    pool = ThreadPoolExecutor(1)
+    try:
+        first = pool.submit(scheduler.submit, Job(np.array([0.0]), 1, 0, 0, frozenset({"out"})))
+        eventually(lambda: sizes == [1], timeout=30)  # holds the stage; the next two queue
+        queued = [
+            scheduler.submit(Job(np.array([float(i)]), 1, 0, 0, frozenset({"out"}))) for i in (1, 2)
+        ]
+        gate.set()
+        for done in [first.result(30), *queued]:
+            with pytest.raises(ServingError, match="answered 2 items for 1"):
+                done.future.result(30)
+        assert sizes == [1, 2, 1, 1]  # the batch of two failed, then each of its jobs alone
+        assert scheduler.in_flight == 0
+    finally:
+        gate.set()
+        pool.shutdown()
         scheduler.close(10)
