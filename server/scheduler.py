@@ -141,8 +141,8 @@ class Scheduler:
         self.name, self.stages, self.config = name, list(stages), config
         self.device_stage = device_stage
         self._on_batch, self._on_fault, self._on_success = on_batch, on_fault, on_success
-        # One lock for admission and every stage's queue: a lone request takes it once per
-        # stage, and the counts it guards (in flight, upstream) are read where they change.
+        # One lock for admission and every stage's queue: claiming a stage takes no second lock
+        # for the upstream counts, and those counts are read under the lock that changes them.
         self._lock = threading.Lock()
         self._queues = [_StageQueue(self._lock) for _ in self.stages]
         self._in_flight = 0  # images admitted and not yet resolved
