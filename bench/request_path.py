@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import tempfile
 import time
@@ -89,7 +90,7 @@ def _replayed(run: Callable[[Any], Any], value: Any) -> tuple[Callable[[Any], An
 
 
 def _median_us(
-    function: Callable[[], object], calls: int, before: Callable[[], None] | None = None
+    function: Callable[[], object], calls: int, before: Callable[[], object] | None = None
 ) -> float:
     """The median time of ``calls`` calls of ``function``, each after ``before`` (untimed)."""
     times = []
@@ -146,19 +147,13 @@ def _measure(
     replays of their real outputs first."""
     (model,) = server.repository.served()
     message = predict_pb2.PredictRequest.FromString(raw)
-    value = first = from_tensor_proto("images", message.inputs["images"])
+    value = from_tensor_proto("images", message.inputs["images"])
+    stages = functools.partial(model.pipeline.run, {"images": value})  # the real ones
     scheduler = model.scheduler
-    real = [spec.run for spec in scheduler.stages]
     for index, spec in enumerate(scheduler.stages):
         run, value = _replayed(spec.run, value)
         scheduler.stages[index] = dataclasses.replace(spec, run=run)
     runners = [spec.run for spec in scheduler.stages]
-
-    def stages() -> None:
-        value = first
-        for run in real:
-            value = run(value)
-
     handler = parsing_handler(PredictionService(server.core), prediction_service_pb2)
     method = handler.service(_Details(PREDICT, ()))
     pending: list[Callable[[], None]] = []
