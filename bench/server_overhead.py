@@ -26,6 +26,10 @@ scheduler, metrics, logs).
 
 Then throughput with 1, 4 and 16 concurrent clients.
 
+For reading those figures on the machine at hand, the run starts with ``bench/wakeup.py``: how
+long waking a process blocked on another CPU takes there. Every thread hand-off in the client's
+and the server's gRPC costs about that much, whatever the server's own code does.
+
 Part 2, pipelining: the emulator as device. Throughput with 16 concurrent batch-1 clients vs the
 slowest stage's own rate, with the default max queue delay (0: the device never waits) and with
 ``--queue-delay-ms``. Both rates are sustained means measured the same way: the stage runs
@@ -71,6 +75,7 @@ from fpgaserve.wire import from_tensor_proto, to_tensor_proto
 
 BATCH = 8
 ROOT = Path(__file__).resolve().parents[1]
+WAKEUP = ROOT / "bench" / "wakeup.py"
 PREDICT_SERVICE = "tensorflow.serving.PredictionService"
 PREDICT = f"/{PREDICT_SERVICE}/Predict"
 STAGE_ROLES = ("preprocess", "device", "classify")
@@ -263,6 +268,15 @@ def per_request(port: int, message, count: int, idle: float = 0.0) -> Timed:
     return latencies, pipeline
 
 
+def machine_wakeups() -> str:
+    """What ``bench/wakeup.py`` prints, indented: how fast this machine wakes a blocked process
+    on another CPU, the unit of every thread hand-off in gRPC's path. It runs in a process of its
+    own, as it forks and TensorFlow's threads are running here."""
+    done = subprocess.run([sys.executable, str(WAKEUP)], capture_output=True, text=True)
+    lines = (done.stdout if done.returncode == 0 else f"failed: {done.stderr}").splitlines()
+    return "\n".join(f"  {line}" for line in lines)
+
+
 def build_native_client() -> tuple[Path | None, str]:
     """``bench/native_client.cc`` compiled (again when the source is newer) into ``build/``, or
     None and why not."""
@@ -421,6 +435,7 @@ def main() -> int:
             f"stand-in answering instantly; {args.requests} requests; {os.cpu_count()} CPUs; "
             "server and client in separate processes"
         )
+        print(machine_wakeups())
         with serve_in_child(archive, "instant") as port:
             timed = per_request(port, message, args.requests)
             (c50, c99), (p50, p99), (a50, a99) = overhead(*timed)
