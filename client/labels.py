@@ -26,6 +26,8 @@ def top_k(
     """The ``k`` best ``(class_name, confidence)`` pairs of one image's scores, best first.
 
     ``labels`` defaults to the ImageNet names when there are 1000 scores, else "class N"."""
+    if k < 1:  # a slice by -k would silently drop the last classes instead
+        raise ValueError(f"k must be at least 1, not {k}")
     scores = np.asarray(scores, np.float64).ravel()
     if labels is None:
         labels = imagenet_labels() if scores.size == 1000 else None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,22 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type for a count or a time: a finite number above zero. A negative --top
+    would silently print all but the last classes, a negative timeout fail every call."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    return parse
 
 
 def _read_labels(path: Path) -> list[str]:
@@ -250,7 +268,7 @@ def _add_predict(commands) -> None:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
     predict.add_argument("--address", default=_env("address", "localhost:8500"))
     predict.add_argument("--model", default="", help="model name (needed if several are served)")
-    predict.add_argument("--top", type=int, default=5, help="how many classes to print")
+    predict.add_argument("--top", type=_positive(int), default=5, help="how many classes to print")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.add_argument(
         "--protocol",
@@ -263,7 +281,7 @@ def _add_predict(commands) -> None:
     predict.add_argument("--cert", help="client certificate for mutual TLS (PEM; needs --key)")
     predict.add_argument("--key", help="the client certificate's private key (PEM)")
     predict.add_argument("--token", default=_env("token"), help="bearer token (FPGASERVE_TOKEN)")
-    predict.add_argument("--timeout", type=float, default=30.0, help="seconds per image")
+    predict.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per image")
     predict.set_defaults(handler=_predict)
 
 
@@ -361,7 +379,7 @@ def _add_serve(commands) -> None:
     )
     health.add_argument("--address", default="localhost:8500")
     health.add_argument("--service", default="", help="a model name; empty for the whole server")
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=_positive(float), default=3.0)
     health.add_argument("--tls-ca", default=_env("health-tls-ca"), help="CA of a TLS server (PEM)")
     health.add_argument(
         "--tls-cert", default=_env("health-tls-cert"), help="client certificate (mTLS)"
@@ -398,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--preprocess", choices=["tf", "torch", "caffe"],
                        help="input normalisation (zoo models know theirs)")  # fmt: skip
     build.add_argument("--calibration", type=Path, help="folder of images for bias correction")
-    build.add_argument("--calibration-count", type=int, default=64)
+    build.add_argument("--calibration-count", type=_positive(int), default=64)
     build.add_argument("--labels", type=Path, help="class names: JSON list or Keras class index")
     build.set_defaults(handler=_build)
     _add_serve(commands)

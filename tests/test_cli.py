@@ -36,3 +36,17 @@ def test_devices_table_and_usage_errors():
 def test_version_and_help(flag):
     result = fpgaserve(flag)
     assert result.returncode == 0 and "fpgaserve" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("predict", "photo.jpg", "--top", "-3"),
+        ("predict", "photo.jpg", "--timeout", "0"),
+        ("health", "--timeout", "nan"),
+        ("build", "resnet50", "-o", "x.zip", "--calibration-count", "many"),
+    ],
+)
+def test_counts_and_timeouts_must_be_above_zero(args):
+    result = fpgaserve(*args)
+    assert result.returncode == 2 and f"argument {args[-2]}" in result.stderr, result.stderr

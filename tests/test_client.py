@@ -110,6 +110,13 @@ def test_outputs_and_batches_follow_azures_client(tiny_server, archive):
     assert top_k(one, 1)[0][0].startswith("class ")  # 10 scores: no ImageNet names
 
 
+def test_top_k_refuses_a_k_below_one():
+    scores = np.arange(10, dtype=np.float32)
+    assert [name for name, _ in top_k(scores, 2)] == ["class 9", "class 8"]
+    with pytest.raises(ValueError, match="k must be at least 1, not -3"):
+        top_k(scores, -3)
+
+
 def test_addresses_default_like_azures_client():
     assert target("example.org", None, False) == "example.org:80"
     assert target("example.org", None, True) == "example.org:443"
