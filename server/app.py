@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
 
 from fpgaserve.hal import Device, open_device
@@ -26,6 +25,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .kserve import InferenceService
 from .metrics import Metrics
 from .model import ServedModel
+from .reflection import enable_reflection
 from .repository import ModelRepository, VersionPolicy
 from .scheduler import BatchingConfig, remaining
 from .tfserving import ModelService, PredictionService
@@ -33,6 +33,7 @@ from .tfserving import ModelService, PredictionService
 log = logging.getLogger("fpgaserve.server")
 
 RESERVED_THREADS = 8  # for health checks and reflection: never taken by model calls
+REFLECTION_STREAMS = RESERVED_THREADS // 2  # the others stay free for health checks
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAMES = (
@@ -175,9 +176,7 @@ class FpgaServer:
             parsing_handler(InferenceService(self.core), v2),
         ))  # fmt: skip
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME), REFLECTION_STREAMS)
         return server
 
     def _bind(self) -> int:

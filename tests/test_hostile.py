@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import resource
 import shutil
 import subprocess
@@ -45,6 +46,7 @@ from test_server_cli import FPGASERVE, free_port
 from fpgaserve.protos import grpc_predict_v2_pb2 as v2
 from fpgaserve.protos import grpc_predict_v2_pb2_grpc as v2_grpc
 from fpgaserve.server import BatchingConfig, ServerConfig
+from fpgaserve.server.app import REFLECTION_STREAMS, RESERVED_THREADS
 
 KEY = "hostile-test-key-5f0c2b"
 OK = grpc.StatusCode.OK
@@ -602,6 +604,42 @@ def test_health_readiness_and_metadata_are_answered_while_every_call_slot_is_bus
         for call, request in questions:
             code, details, _ = status_of(call, request)
             assert code == OK, f"{type(request).__name__}: {code.name}: {details}"
+
+
+# Found by review: reflection streams are not inference calls, so --max-concurrent-calls did not
+# count them, yet each open one held a thread: with every call slot busy, 8 idle reflection
+# streams (grpcurl-like tools left open) took the threads kept for health checks, and
+# Health/Check was refused RESOURCE_EXHAUSTED.
+def test_idle_reflection_streams_cannot_take_the_health_checks_threads(archive):
+    with every_call_slot_held(archive) as (ch, *_), ThreadPoolExecutor(1) as pool:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        streams, refused = [], []
+        for _ in range(RESERVED_THREADS):
+            requests: queue.Queue = queue.Queue()
+            answers = stub.ServerReflectionInfo(iter(requests.get, None), timeout=60)
+            requests.put(ask)
+            try:
+                next(answers)  # the stream is open and idle, as a tool leaves it
+                streams.append((requests, answers))
+            except grpc.RpcError as exc:
+                refused.append((exc.code(), exc.details()))
+        assert _serving(ch)  # health keeps its threads
+        assert len(streams) == REFLECTION_STREAMS < RESERVED_THREADS
+        code, details = refused[0]
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "close one" in details, details
+
+        requests, answers = streams.pop()
+        answers.cancel()  # a client leaves: its slot is free again
+        answers = eventually(lambda: _reflection_stream(stub, ask))
+        assert answers.list_services_response.service
+        for requests, answers in streams:
+            requests.put(None)
+            assert pool.submit(list, answers).result(timeout=30) == []
+
+
+def _reflection_stream(stub, ask) -> reflection_pb2.ServerReflectionResponse:
+    return next(stub.ServerReflectionInfo(iter([ask]), timeout=30))
 
 
 def _serving(ch) -> bool:
