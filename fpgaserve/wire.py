@@ -224,9 +224,16 @@ def v2_shape(shape: Sequence[int | None]) -> list[int]:
 
 
 def _v2_bytes_elements(name: str, raw: bytes, shape: Sequence[int]) -> np.ndarray:
-    """BYTES raw content: each element is a 4-byte little-endian length, then the bytes."""
+    """BYTES raw content: each element is a 4-byte little-endian length, then the bytes. Read
+    no more elements than the shape holds: 60 MiB of empty ones would cost seconds."""
+    expected = _count(name, shape)
     elements, offset = [], 0
     while offset < len(raw):
+        if len(elements) == expected:
+            raise WireError(
+                f"tensor {name!r}: raw BYTES content holds more than the {expected} strings "
+                f"of shape {list(shape)}"
+            )
         if offset + 4 > len(raw):
             raise WireError(f"tensor {name!r}: raw BYTES content is truncated")
         (length,) = struct.unpack_from("<I", raw, offset)

@@ -9,7 +9,14 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from fpgaserve.wire import MAX_COMPACT_ELEMENTS, WireError, from_tensor_proto, to_tensor_proto
+from fpgaserve.protos import grpc_predict_v2_pb2 as v2
+from fpgaserve.wire import (
+    MAX_COMPACT_ELEMENTS,
+    WireError,
+    from_tensor_proto,
+    from_v2,
+    to_tensor_proto,
+)
 
 
 def test_a_tensor_written_into_a_message_replaces_what_was_there():
@@ -102,3 +109,16 @@ def test_shapes_numpy_cannot_hold_are_refused(shape, error):
     proto = _compact(types_pb2.DT_FLOAT, "float_val", [1.0, 2.0], shape)
     with pytest.raises(WireError, match=error):
         from_tensor_proto("x", proto)
+
+
+# Found by review: every element of a v2 raw BYTES content was read before the count was
+# compared with the shape, so 60 MiB of empty elements for shape [1] took 5-7 s of Python.
+def test_v2_raw_bytes_are_read_no_further_than_the_shape():
+    tensor = v2.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[2])
+    framed = b"\x02\x00\x00\x00ab\x01\x00\x00\x00c"
+    assert list(from_v2(tensor, framed)) == [b"ab", b"c"]
+    with pytest.raises(WireError, match="1 strings do not fill shape"):
+        from_v2(tensor, framed[:6])
+    # Empty elements, then a cut length: read to the end, this content would be "truncated".
+    with pytest.raises(WireError, match="more than the 2 strings of shape"):
+        from_v2(tensor, framed + bytes(4 << 20) + b"\x05")
