@@ -23,15 +23,17 @@ MAX_ASPECT_RATIO = 64
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """The frame size, found by walking the markers as libjpeg does (``next_marker``): bytes
+    other than 0xFF before a marker are skipped (some cameras and editors write them; libjpeg
+    warns of "extraneous bytes" and decodes), so is a stuffed 0xFF00. The size found is then
+    the one the decoder will use."""
     offset = 2
-    while offset + 4 <= len(data):
-        if data[offset] != 0xFF:
-            return None
+    while (offset := data.find(b"\xff", offset)) >= 0 and offset + 4 <= len(data):
         marker = data[offset + 1]
         if marker == 0xFF:  # fill byte
             offset += 1
             continue
-        if marker in _NO_LENGTH:
+        if marker == 0x00 or marker in _NO_LENGTH:
             offset += 2
             continue
         (length,) = struct.unpack_from(">H", data, offset + 2)
@@ -53,16 +55,26 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _unreadable(index: int, image: bytes) -> str:
+    if image.startswith((b"\xff\xd8", PNG_SIGNATURE)):
+        kind = "JPEG" if image.startswith(b"\xff\xd8") else "PNG"
+        return (
+            f"image {index} starts as a {kind} but its size cannot be read from its header "
+            f"({len(image)} bytes): is the file cut short or damaged?"
+        )
+    return (
+        f"image {index} is not a readable JPEG or PNG (it starts with {image[:8]!r}); "
+        "send JPEG or PNG bytes"
+    )
+
+
 def check_images(images: Iterable[object], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     for index, image in enumerate(images):
         if not isinstance(image, bytes) or not image:
             raise InvalidArgument(f"image {index} is empty; send JPEG or PNG bytes")
         size = image_size(image)
         if size is None:
-            raise InvalidArgument(
-                f"image {index} is not a readable JPEG or PNG (it starts with {image[:8]!r}); "
-                "send JPEG or PNG bytes"
-            )
+            raise InvalidArgument(_unreadable(index, image))
         width, height = size
         if width == 0 or height == 0:
             raise InvalidArgument(f"image {index} declares a size of {width}x{height} pixels")

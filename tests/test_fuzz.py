@@ -146,6 +146,13 @@ def with_declared_size(image: bytes, width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def with_extraneous_bytes(image: bytes, junk: bytes) -> bytes:
+    """``image`` (a JPEG) with ``junk`` after its first segment, bytes 0xFF left out (libjpeg
+    reads a 0xFF as a marker): what some cameras and editors write."""
+    cut = 4 + struct.unpack_from(">H", image, 4)[0]
+    return image[:cut] + junk.replace(b"\xff", b"") + image[cut:]
+
+
 GOOD_IMAGES = (SMALL_JPEG, png(20, 12, seed=2), jpeg(3, size=(300, 200)))
 BAD_IMAGES = (
     b"",
@@ -668,9 +675,13 @@ def hostile_image(draw) -> tuple[bytes, bool | None]:
     """(image, valid): valid True/False when known, None when either answer is right (a
     corrupt image may still decode)."""
     base = draw(st.sampled_from(GOOD_IMAGES))
-    how = draw(st.sampled_from(["flip", "truncate", "declare", "prefix", "known bad"]))
+    how = draw(
+        st.sampled_from(["flip", "truncate", "declare", "prefix", "extraneous", "known bad"])
+    )
     if how == "known bad":
         return draw(st.sampled_from(BAD_IMAGES)), False
+    if how == "extraneous":  # bytes between two JPEG segments: libjpeg skips them and decodes
+        return with_extraneous_bytes(SMALL_JPEG, draw(st.binary(min_size=1, max_size=8))), True
     if how == "flip":
         data = bytearray(base)
         for _ in range(draw(st.integers(1, 6))):
@@ -690,6 +701,25 @@ def hostile_image(draw) -> tuple[bytes, bool | None]:
     data = with_declared_size(base, width, height)
     assume(affordable(data))
     return data, False if too_big else None
+
+
+# Found by review: the header check gave up at the first byte that was not a marker and refused
+# JPEGs with extraneous bytes between segments, which libjpeg (and so TF Serving) decodes.
+@RELAXED
+@given(image=hostile_image())
+def test_the_header_check_reads_the_size_the_decoder_decodes(image):
+    """The pixel limit holds only if the header check finds the frame the decoder decodes:
+    whatever it accepts and TensorFlow decodes has the size it read."""
+    import tensorflow as tf
+
+    data, _ = image
+    size = image_size(data)
+    assume(size is not None and 0 < size[0] * size[1] <= MAX_PIXELS)
+    try:
+        decoded = tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+        return
+    assert size == (decoded.shape[1], decoded.shape[0])
 
 
 @RELAXED
