@@ -336,9 +336,12 @@ class Scheduler:
                 for job in jobs:  # that attempt was this stage's time too
                     job.add_time(stage.role, failed_attempt)
                 return [moving for job in jobs for moving in self._run_batch(index, stage, [job])]
+            error = as_serving_error(exc)
             if index == self.device_stage:
                 self._on_fault(exc)
-            self._finish(jobs[0], index, as_serving_error(exc))
+            elif isinstance(error, InvalidArgument) and jobs[0].size > 1:
+                error = _naming_the_row(stage, jobs[0].value, error)
+            self._finish(jobs[0], index, error)
             return []
         if index == self.device_stage:
             self._on_success()
@@ -376,6 +379,19 @@ class Scheduler:
             job.future.set_result(job.outputs)
         else:
             job.future.set_exception(error)
+
+
+def _naming_the_row(stage: StageSpec, value: Any, error: InvalidArgument) -> InvalidArgument:
+    """``error`` prefixed with the first row of ``value`` that ``stage`` refuses alone (a CPU
+    stage's message, e.g. TensorFlow's JPEG decoder's, names none). Tried only once the whole
+    request failed, so it costs a valid request nothing."""
+    for row in range(len(value)):
+        try:
+            stage.run(value[row : row + 1])
+        except Exception:
+            kind = "image" if value.dtype == object else "row"
+            return InvalidArgument(f"{kind} {row}: {error}")
+    return error
 
 
 def _not_finite(outputs: dict[str, np.ndarray]) -> InvalidArgument | None:

@@ -448,9 +448,10 @@ def _png_header(width: int, height: int) -> bytes:
     ids=["huge declared size", "gif", "empty", "truncated jpeg"],
 )
 def test_hostile_images_are_refused_before_decoding(stub, image, fragment):
-    error = error_of(stub.Predict, predict_request([jpeg(1), image]))
+    error = error_of(stub.Predict, predict_request([jpeg(1), image, jpeg(0)]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert fragment in error.details()
+    # The message names the image, also when only the decoder refuses it (found by review).
+    assert fragment in error.details() and "image 1" in error.details(), error.details()
 
 
 def brainwave_score_file(stub, data: bytes) -> np.ndarray:
