@@ -94,8 +94,17 @@ def _strings(name: str, values: Sequence[bytes], shape: Sequence[int]) -> np.nda
     return array.reshape(shape)
 
 
-def _as_float32(array: np.ndarray) -> np.ndarray:
-    return array.astype(np.float32, copy=False)
+def _as_float32(name: str, array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.float64:  # float16 and float32 always fit
+        return array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        converted = array.astype(np.float32)
+    if not np.isfinite(converted).all() and (np.isfinite(array) & ~np.isfinite(converted)).any():
+        raise WireError(
+            f"tensor {name!r}: values beyond float32's range (+-3.4e38); the model computes in "
+            "float32: scale them into range"
+        )
+    return converted
 
 
 _FLOAT32_LE = np.dtype("<f4")
@@ -152,7 +161,7 @@ def from_tensor_proto(name: str, proto: Any, max_elements: int | None = None) ->
         )
     dtype, field = floats[proto.dtype]
     if proto.tensor_content:
-        return _as_float32(_from_bytes(name, proto.tensor_content, dtype, shape))
+        return _as_float32(name, _from_bytes(name, proto.tensor_content, dtype, shape))
     if dtype is np.float16:  # half_val holds the 16-bit patterns, as ints
         bits = _from_values(name, _filled(name, proto.half_val, shape, np.int64), np.int64, shape)
         if bits.size and not 0 <= bits.min() <= bits.max() <= 0xFFFF:
@@ -160,9 +169,9 @@ def from_tensor_proto(name: str, proto: Any, max_elements: int | None = None) ->
                 f"tensor {name!r}: half_val holds values outside 0..65535; it carries the "
                 "16-bit patterns of float16 values"
             )
-        return _as_float32(bits.astype(np.uint16).view(np.float16))
+        return _as_float32(name, bits.astype(np.uint16).view(np.float16))
     values = _filled(name, getattr(proto, field), shape, dtype)
-    return _as_float32(_from_values(name, values, dtype, shape))
+    return _as_float32(name, _from_values(name, values, dtype, shape))
 
 
 def _varint(value: int) -> bytes:
@@ -263,10 +272,10 @@ def from_v2(tensor: Any, raw: bytes | None, max_elements: int | None = None) -> 
         )
     dtype, field = _V2_FLOATS[datatype]
     if raw is not None:
-        return _as_float32(_from_bytes(name, raw, dtype, shape))
+        return _as_float32(name, _from_bytes(name, raw, dtype, shape))
     if field is None:
         raise WireError(f"tensor {name!r}: {datatype} needs raw contents")
-    return _as_float32(_from_values(name, getattr(tensor.contents, field), dtype, shape))
+    return _as_float32(name, _from_values(name, getattr(tensor.contents, field), dtype, shape))
 
 
 def to_v2(array: np.ndarray) -> tuple[str, list[int], bytes]:

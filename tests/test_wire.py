@@ -122,3 +122,19 @@ def test_v2_raw_bytes_are_read_no_further_than_the_shape():
     # Empty elements, then a cut length: read to the end, this content would be "truncated".
     with pytest.raises(WireError, match="more than the 2 strings of shape"):
         from_v2(tensor, framed + bytes(4 << 20) + b"\x05")
+
+
+# Found by review: a finite double past float32's range became infinity in the conversion, and
+# the request was refused for "NaN or infinite values" the client never sent.
+def test_doubles_beyond_float32s_range_are_refused_as_such():
+    huge = _compact(types_pb2.DT_DOUBLE, "double_val", [1.0, 1e300], [2])
+    with pytest.raises(WireError, match="beyond float32's range"):
+        from_tensor_proto("x", huge)
+    tensor = v2.ModelInferRequest.InferInputTensor(name="x", datatype="FP64", shape=[2])
+    with pytest.raises(WireError, match="beyond float32's range"):
+        from_v2(tensor, np.array([1.0, -1e39], "<f8").tobytes())
+    sent = np.array([1e30, np.nan, -np.inf], "<f8")  # in range, or not finite to begin with
+    tensor.shape[:] = [3]
+    converted = from_v2(tensor, sent.tobytes())
+    assert converted.dtype == np.float32
+    np.testing.assert_array_equal(converted, sent.astype(np.float32))
