@@ -81,6 +81,19 @@ SHARED_MEMORY = (
 )
 
 
+def _refuse_shared_memory(tensor: Any, kind: str) -> None:
+    """Triton's shared-memory parameters on a tensor of a request: read as an inline tensor,
+    an input would be refused for its element count, an output answered where the client does
+    not look."""
+    if "shared_memory_region" in tensor.parameters:
+        region = tensor.parameters["shared_memory_region"].string_param
+        where = "send it in the request" if kind == "input" else "read it from the response"
+        raise InvalidArgument(
+            f"{kind} {tensor.name!r} is in shared-memory region {region!r}, and shared-memory "
+            f"tensors are not served: leave out its shared_memory parameters and {where}"
+        )
+
+
 def _unimplemented(method: str, advice: str) -> Callable[..., NoReturn]:
     """A Triton RPC this server refuses, counted and logged like any call, with ``advice``."""
 
@@ -192,6 +205,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         for index, tensor in enumerate(request.inputs):
             if tensor.name in inputs:
                 raise InvalidArgument(f"input {tensor.name!r} is given twice")
+            _refuse_shared_memory(tensor, "input")
             limit = model.max_elements(tensor.name)
             inputs[tensor.name] = from_v2(tensor, raw[index] if raw else None, limit)
         wanted = [output.name for output in request.outputs] or [
@@ -199,11 +213,13 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         ]
         if len(set(wanted)) != len(wanted):
             raise InvalidArgument(f"outputs name {wanted}: name each output once")
+        for output in request.outputs:
+            _refuse_shared_memory(output, "output")
+        counts = {output.name: _class_count(output) for output in request.outputs}  # before a run
         results = self.core.infer(context, record, model, inputs, wanted)
         response = v2.ModelInferResponse(
             model_name=model.name, model_version=str(model.version), id=request.id
         )
-        counts = {output.name: _class_count(output) for output in request.outputs}
         for name in wanted:
             value = results[name]
             if counts.get(name):

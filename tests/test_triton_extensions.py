@@ -286,3 +286,33 @@ def test_triton_rpcs_not_served_say_what_to_do_instead(server, stub, method, adv
     code, message = code_of(getattr(stub, method), request)
     assert code == "UNIMPLEMENTED" and advice in message, message
     eventually(lambda: requests_counted(server, method, "UNIMPLEMENTED", "unknown"))
+
+
+def _attempts(stub) -> tuple[int, int]:
+    """(succeeded, failed) requests the model has run, from its statistics."""
+    (model,) = stub.ModelStatistics(v2.ModelStatisticsRequest(name="tiny"), timeout=10).model_stats
+    return model.inference_stats.success.count, model.inference_stats.fail.count
+
+
+# Found by review: an input in shared memory was read as an empty inline tensor ("0 values do
+# not fill shape"), an output asked into shared memory was answered inline without a word, and
+# an invalid classification parameter was refused only after the model had run.
+@pytest.mark.parametrize("where", ["input", "output", "classification"])
+def test_tensor_parameters_that_cannot_be_honoured_are_refused_before_the_model_runs(stub, where):
+    request = infer_request(jpeg(0))
+    if where == "input":
+        tensor = request.inputs.add(name="preprocessed", datatype="FP32", shape=[1, 224, 224, 3])
+        del request.inputs[0], request.raw_input_contents[:]
+    else:
+        tensor = request.outputs[0]
+    if where == "classification":
+        tensor.parameters["classification"].string_param = "3"
+        expected = "parameter 'classification' must be an int64"
+    else:
+        tensor.parameters["shared_memory_region"].string_param = "region0"
+        tensor.parameters["shared_memory_byte_size"].int64_param = 602112
+        expected = f"{where} {tensor.name!r} is in shared-memory region 'region0'"
+    before = _attempts(stub)
+    code, message = code_of(stub.ModelInfer, request)
+    assert code == "INVALID_ARGUMENT" and expected in message, message
+    assert _attempts(stub) == before
