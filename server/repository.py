@@ -75,6 +75,9 @@ class VersionPolicy:
             raise ValueError(f"version policy {text!r}: version numbers start at 1")
         return cls("specific", versions)
 
+    def __str__(self) -> str:  # as --version-policy takes it
+        return ",".join(map(str, sorted(self.versions))) if self.kind == "specific" else self.kind
+
     def select(self, versions: Iterable[int]) -> set[int]:
         versions = set(versions)
         if self.kind == "all":
@@ -194,12 +197,19 @@ class ModelRepository:
                         f"model {name!r} version {version} failed to load; GetModelStatus says "
                         f"why; available versions: {sorted(available)}"
                     )
-                state = versions[version].state if version in versions else "not present"
+                state = versions[version].state if version in versions else self._absent()
+                named = f"version {version}" + (f" (label {label!r})" if label else "")
                 raise NotFound(
-                    f"model {name!r} version {version} is not available ({state}); "
+                    f"model {name!r} {named} is not available ({state}); "
                     f"available versions: {sorted(available)}"
                 )
             return available[version]
+
+    def _absent(self) -> str:
+        """Why a version is not loaded at all: in a repository, the policy may leave it out."""
+        if self.root is None:
+            return "not present"
+        return f"not present, or left out by the version policy {self.policy}"
 
     def versions(self, name: str) -> list[tuple[int, str, str]]:
         """(version, state, error) of every version known for ``name``, for status calls."""

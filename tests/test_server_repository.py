@@ -102,8 +102,12 @@ def test_versions_come_and_go_and_broken_ones_never_take_over(archives, tmp_path
         shutil.rmtree(root / "tiny" / "7")  # a deleted failure is forgotten
         eventually(lambda: 7 not in statuses(ch))
 
-        (root / "tiny" / "version_labels.json").write_text(json.dumps({"stable": 3}))
+        labels = {"stable": 3, "old": 2}  # version 2 is on disk, but the policy serves 3 only
+        (root / "tiny" / "version_labels.json").write_text(json.dumps(labels))
         eventually(lambda: served_version(ch, version_label="stable") == 3)
+        error = eventually(lambda: _not_found(ch, version_label="old"))
+        assert "version 2 (label 'old') is not available" in error
+        assert "left out by the version policy latest" in error
 
         shutil.rmtree(root / "tiny")  # the clean unload
         error = eventually(lambda: _not_found(ch))
@@ -164,9 +168,9 @@ def test_load_errors_never_show_the_servers_paths(archives, tmp_path):
     assert tempfile.gettempdir() not in error and str(tmp_path) not in error, error
 
 
-def _not_found(ch) -> str | None:
+def _not_found(ch, **spec) -> str | None:
     try:
-        served_version(ch)
+        served_version(ch, **spec)
     except grpc.RpcError as exc:
         return exc.details() if exc.code() == grpc.StatusCode.NOT_FOUND else None
     return None
