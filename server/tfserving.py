@@ -145,7 +145,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def handle(record: dict[str, Any]) -> classification_pb2.ClassificationResponse:
             model = _model(self.core, request.model_spec)
             key = model.signature.inputs[0].name
-            signature = _signature(model, request.model_spec.signature_name, {key: None})
+            named, images = request.model_spec.signature_name, _signature_taking(model, key)
+            if named in _signatures(model) and named != images:
+                raise InvalidArgument(
+                    f"Classify runs signature {images!r} (images in tf.Examples); signature "
+                    f"{named!r} takes a tensor: call Predict for it"
+                )
+            signature = _signature(model, named, {key: None})
             if request.input.WhichOneof("kind") == "example_list_with_context":
                 listed = request.input.example_list_with_context
                 examples, common = listed.examples, listed.context.features.feature

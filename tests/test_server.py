@@ -227,6 +227,11 @@ def test_metadata_status_and_classify(server):
         (alone,) = prediction.Classify(classify, timeout=30).result.classifications
         assert second == alone and alone != result
 
+        classify.model_spec.signature_name = "preprocessed"  # a tensor signature (review)
+        error = error_of(prediction.Classify, classify)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "signature 'preprocessed' takes a tensor: call Predict" in error.details()
+
 
 def test_calls_without_a_request_id_get_a_fresh_one_each(server, stub):
     ids = []
