@@ -171,7 +171,7 @@ class ServedModel:
         spec, start = self._input(name)
         value = _conform(spec, value)
         self.check_items(len(value))  # before any per-image work
-        if spec.dtype == "string":
+        if spec.dtype == "string" and not internal:  # the warmup's 256x256 image is ours
             check_images(value.ravel(), self.max_image_pixels)
         wanted = list(outputs) if outputs else [self.signature.default_output]
         known = [spec.name for spec in self.signature.outputs]

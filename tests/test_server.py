@@ -459,6 +459,18 @@ def test_hostile_images_are_refused_before_decoding(stub, image, fragment):
     assert fragment in error.details() and "image 1" in error.details(), error.details()
 
 
+# Found by review: the warmup's own 256x256 image was held to --max-image-pixels, so a limit
+# below 65536 pixels (e.g. "224x224 images only") kept every model from loading.
+def test_a_pixel_limit_below_the_warmups_image_still_serves(archive):
+    config = ServerConfig(archives=[archive], metrics_port=None, max_image_pixels=224 * 224)
+    with running(config) as server, channel(server) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        reply = stub.Predict(predict_request([jpeg(0, size=(224, 224))]), timeout=30)
+        assert len(reply.outputs["output_alias"].float_val) == len(CLASSES)
+        error = error_of(stub.Predict, predict_request([jpeg(0)]))  # 320x240: over the limit
+        assert "the limit is 50176 pixels" in error.details()
+
+
 def brainwave_score_file(stub, data: bytes) -> np.ndarray:
     """What Brainwave's PredictionClient.score_file does, step by step: one DT_STRING image,
     no model name; the answer is ``outputs["output_alias"]``, without its batch dimension. A
