@@ -143,11 +143,31 @@ def _env(flag: str, default=None):
     return os.environ.get("FPGASERVE_" + flag.upper().replace("-", "_"), default)
 
 
+LOG_FORMATS = ("json", "text")
+
+
+def _number(args: argparse.Namespace, option: str, kind: type[int] | type[float] = int):
+    """An option's value, from the command line or FPGASERVE_<OPTION>, as ``kind``; a bad one
+    is named (int() alone would say only "invalid literal")."""
+    text = getattr(args, option.replace("-", "_"))
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        variable = "FPGASERVE_" + option.upper().replace("-", "_")
+        whole = "a whole number" if kind is int else "a number"
+        raise ValueError(f"--{option} (or {variable}) must be {whole}, not {text!r}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from .hal import HalError
     from .server import BatchingConfig, FpgaServer, ServerConfig, TlsConfig, VersionPolicy
     from .server.auth import load_keys
     from .server.logs import configure
 
+    if args.log_format not in LOG_FORMATS:  # argparse checks only what the command line gave
+        raise ValueError(
+            f"FPGASERVE_LOG_FORMAT must be one of {LOG_FORMATS}, not {args.log_format!r}"
+        )
     configure(args.log_format)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
@@ -157,27 +177,31 @@ def _serve(args: argparse.Namespace) -> int:
         archives=[Path(p) for p in args.archives],
         model_repository=Path(args.model_repository) if args.model_repository else None,
         host=args.host,
-        port=int(args.port),
-        metrics_port=None if int(args.metrics_port) < 0 else int(args.metrics_port),
+        port=_number(args, "port"),
+        metrics_port=None if _number(args, "metrics-port") < 0 else _number(args, "metrics-port"),
         device=args.device,
         batching=BatchingConfig(
-            max_batch_size=int(args.max_batch_size),
-            max_queue_delay_s=float(args.max_queue_delay_ms) / 1e3,
-            max_queue_size=int(args.max_queue_size),
+            max_batch_size=_number(args, "max-batch-size"),
+            max_queue_delay_s=_number(args, "max-queue-delay-ms", float) / 1e3,
+            max_queue_size=_number(args, "max-queue-size"),
         ),
         version_policy=VersionPolicy.parse(args.version_policy),
-        poll_seconds=float(args.poll_seconds),
-        max_concurrent_calls=int(args.max_concurrent_calls),
-        max_message_bytes=int(float(args.max_message_mb) * 2**20),
-        max_image_pixels=int(args.max_image_pixels),
+        poll_seconds=_number(args, "poll-seconds", float),
+        max_concurrent_calls=_number(args, "max-concurrent-calls"),
+        max_message_bytes=int(_number(args, "max-message-mb", float) * 2**20),
+        max_image_pixels=_number(args, "max-image-pixels"),
         tls=TlsConfig(Path(args.tls_cert), Path(args.tls_key),
                       Path(args.tls_client_ca) if args.tls_client_ca else None)
         if args.tls_cert else None,
         auth_keys=load_keys(Path(args.auth_keys_file) if args.auth_keys_file else None),
-        drain_seconds=float(args.drain_seconds),
-        max_connection_age_s=float(args.max_connection_age_seconds),
+        drain_seconds=_number(args, "drain-seconds", float),
+        max_connection_age_s=_number(args, "max-connection-age-seconds", float),
     )  # fmt: skip
-    return serve_until_signalled(FpgaServer(config))
+    try:
+        server = FpgaServer(config)
+    except HalError as exc:  # no such device, or it cannot be opened: the user's to fix
+        raise ValueError(f"device {config.device!r}: {exc}") from None
+    return serve_until_signalled(server)
 
 
 # The drain ran out of time with calls still running (their threads cannot be interrupted).
@@ -372,7 +396,7 @@ def _add_serve(commands) -> None:
         help="close client connections after this long so they rebalance over new replicas "
         "(default 0: never)",
     )
-    serve.add_argument("--log-format", default=_env("log-format", "json"), choices=["json", "text"])
+    serve.add_argument("--log-format", default=_env("log-format", "json"), choices=LOG_FORMATS)
     serve.set_defaults(handler=_serve)
     health = commands.add_parser(
         "health", help="ask a server's gRPC health service (exit 0 if SERVING)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import ssl
 import threading
 import time
@@ -54,6 +55,9 @@ class TlsConfig:
 
     def check(self) -> None:
         """Say which file is wrong: gRPC would only fail to bind the port, naming none."""
+        for path in (self.cert, self.key, self.client_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS: {path} is not a file")
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:  # the password callback keeps OpenSSL from prompting for an encrypted key's
             context.load_cert_chain(self.cert, self.key, password=lambda: b"")
@@ -104,8 +108,27 @@ class ServerConfig:
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_concurrent_calls < 1:
-            raise ValueError("max_concurrent_calls (--max-concurrent-calls) must be at least 1")
+        """Refuse at start what would fail every call later, or quietly do something else."""
+        ports = [("port (--port)", self.port), ("metrics_port (--metrics-port)", self.metrics_port)]
+        for what, port in ports:
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{what} must be 0-65535, not {port}")
+        minimums = [
+            ("max_concurrent_calls (--max-concurrent-calls)", self.max_concurrent_calls, 1),
+            ("max_message_bytes (--max-message-mb)", self.max_message_bytes, 4096),
+            ("max_image_pixels (--max-image-pixels)", self.max_image_pixels, 1),
+            ("poll_seconds (--poll-seconds)", self.poll_seconds, 0.1),
+            ("drain_seconds (--drain-seconds)", self.drain_seconds, 1),
+            ("max_connection_age_s (--max-connection-age-seconds)", self.max_connection_age_s, 0),
+        ]
+        for what, value, least in minimums:
+            if not (math.isfinite(value) and value >= least):
+                raise ValueError(f"{what} must be a finite number of at least {least}, not {value}")
+        if self.archives and 1 not in self.version_policy.select({1}):
+            raise ValueError(
+                f"archives named on the command line are served as version 1, which version "
+                f"policy {self.version_policy} leaves out; the policy is for a model repository"
+            )
 
 
 class FpgaServer:

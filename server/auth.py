@@ -27,7 +27,10 @@ def load_keys(path: Path | None, environ: dict[str, str] | None = None) -> list[
     environ = os.environ if environ is None else environ
     keys = [key.strip() for key in environ.get(KEYS_ENV, "").split(",")]
     if path is not None:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # an editor's BOM is no key
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no key
+        except UnicodeDecodeError:
+            raise ValueError(f"auth keys file {path} is not UTF-8 text: one key a line") from None
         keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
     keys = [key for key in keys if key]
     # Asked for authentication but given no key: refuse to start rather than serve openly.

@@ -162,6 +162,37 @@ def test_serve_reports_configuration_errors_in_one_line(tmp_path):
     assert no_calls.returncode == 1 and "--max-concurrent-calls" in no_calls.stderr
 
 
+# Found by review: out-of-range ports wrapped around (--port 70000 listened on 4464), a poll of 0
+# spun a CPU and one of inf killed the repository thread, a message limit of 0 failed every
+# call, health included; a bad number or device ended in a traceback; FPGASERVE_LOG_FORMAT=JSON
+# silently gave text logs; archives were silently never served under --version-policy 2.
+@pytest.mark.parametrize(
+    ("args", "env", "fragment"),
+    [
+        (["--port", "70000"], {}, "port (--port) must be 0-65535, not 70000"),
+        (["--metrics-port", "70000"], {}, "--metrics-port) must be 0-65535"),
+        (["--port", "abc"], {}, "--port (or FPGASERVE_PORT) must be a whole number, not 'abc'"),
+        ([], {"FPGASERVE_POLL_SECONDS": "inf"}, "--poll-seconds) must be a finite number"),
+        (["--poll-seconds", "0"], {}, "--poll-seconds) must be a finite number of at least 0.1"),
+        (["--max-message-mb", "0"], {}, "--max-message-mb) must be a finite number"),
+        (["--max-image-pixels", "0"], {}, "--max-image-pixels) must be a finite number"),
+        (["--drain-seconds", "0"], {}, "--drain-seconds) must be a finite number of at least 1"),
+        (["--version-policy", "2"], {}, "served as version 1, which version policy 2 leaves out"),
+        ([], {"FPGASERVE_LOG_FORMAT": "JSON"}, "FPGASERVE_LOG_FORMAT must be one of"),
+        (["--device", "bogus"], {}, "device 'bogus'"),
+    ],
+)
+def test_serve_refuses_bad_settings_at_start_in_one_line(tmp_path, args, env, fragment):
+    archive = tmp_path / "tiny.zip"  # not read: every setting here is refused before that
+    archive.write_bytes(b"")
+    result = subprocess.run(
+        [*FPGASERVE, "serve", str(archive), "--metrics-port", "-1", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_health_of_an_absent_server_fails_cleanly():
     result = health(free_port())
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
@@ -175,3 +206,10 @@ def test_auth_keys_file_must_not_be_empty(tmp_path: Path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1 and "holds no keys" in result.stderr
+
+    keys.write_bytes(b"\xff\xfe\x00k")  # UTF-16, say
+    result = subprocess.run(
+        [*FPGASERVE, "serve", "--auth-keys-file", str(keys), "x.zip"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and f"auth keys file {keys} is not UTF-8" in result.stderr
