@@ -180,6 +180,7 @@ def test_serve_reports_configuration_errors_in_one_line(tmp_path):
         (["--version-policy", "2"], {}, "served as version 1, which version policy 2 leaves out"),
         ([], {"FPGASERVE_LOG_FORMAT": "JSON"}, "FPGASERVE_LOG_FORMAT must be one of"),
         (["--device", "bogus"], {}, "device 'bogus'"),
+        (["--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"], {}, "/no/cert.pem is not a"),
     ],
 )
 def test_serve_refuses_bad_settings_at_start_in_one_line(tmp_path, args, env, fragment):
