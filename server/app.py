@@ -124,6 +124,8 @@ class ServerConfig:
         for what, value, least in minimums:
             if not (math.isfinite(value) and value >= least):
                 raise ValueError(f"{what} must be a finite number of at least {least}, not {value}")
+        if self.tls is not None:  # before minutes of model loading
+            self.tls.check()
         if self.archives and 1 not in self.version_policy.select({1}):
             raise ValueError(
                 f"archives named on the command line are served as version 1, which version "
