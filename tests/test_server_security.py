@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import grpc
@@ -146,6 +147,31 @@ def test_bearer_tokens_guard_every_rpc_but_health(archive, caplog):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert caplog.records, "the server logs requests"
     assert not [r for r in caplog.records if KEY in r.getMessage() or KEY in str(vars(r))]
+
+
+# Found by review: the refusal was a unary handler, so its thread waited for the request body
+# first; calls from a client without a token that never sent one took every thread (72 with
+# the defaults), and health checks were refused RESOURCE_EXHAUSTED.
+def test_calls_without_a_token_are_refused_before_their_request_arrives(archive):
+    config = ServerConfig(archives=[archive], auth_keys=[KEY.encode()], max_concurrent_calls=1)
+    never_sent = threading.Event()
+
+    def no_body():  # the call's headers go out; its message never does
+        never_sent.wait()
+        yield from ()
+
+    with running(config) as server, grpc.insecure_channel(f"localhost:{server.port}") as ch:
+        predict_call = ch.stream_unary("/tensorflow.serving.PredictionService/Predict")
+        stalled = [predict_call.future(no_body(), timeout=60) for _ in range(12)]  # > 1 + 8
+        try:
+            for call in stalled:
+                assert call.exception(timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
+            check = health_pb2_grpc.HealthStub(ch).Check
+            reply = check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert predict(ch, [("authorization", f"Bearer {KEY}")]).outputs["output_alias"]
+        finally:
+            never_sent.set()
 
 
 def test_keys_come_from_a_file_and_the_environment(tmp_path):
