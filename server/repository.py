@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpgaserve.hal import Device
+from fpgaserve.hal import Device, DeviceClosedError, DeviceFaultError
 from fpgaserve.pipeline import read_manifest
 from fpgaserve.pipeline.runtime import EXTRACTED_PREFIX
 
@@ -121,7 +121,8 @@ class ModelRepository:
         self._warmup, self._on_change, self._on_new_model = warmup, on_change, on_new_model
         self._lock = threading.RLock()
         self._models: dict[str, dict[int, ServedModel]] = {}
-        self._failed: dict[tuple[str, int], tuple[Candidate, str]] = {}
+        # (name, version) -> (the file that failed, or None: the device failed; the error)
+        self._failed: dict[tuple[str, int], tuple[Candidate | None, str]] = {}
         self._loading: dict[tuple[str, int], ServedModel] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._fixed: dict[str, Candidate] = {}
@@ -140,6 +141,7 @@ class ModelRepository:
         self._stop = threading.Event()
         self._first_sync = threading.Event()
         self._poller: threading.Thread | None = None
+        self._poll_seconds = 5.0
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -171,6 +173,9 @@ class ModelRepository:
             if versions is None:
                 if any(known == name for known, _ in self._loading):
                     raise Unavailable(f"model {name!r} is still loading; retry shortly")
+                on_device = [n for (n, _), (file, _) in self._failed.items() if file is None]
+                if name in on_device:
+                    raise Unavailable(f"model {name!r} failed on the device; retry shortly")
                 if any(known == name for known, _ in self._failed):
                     raise FailedPrecondition(
                         f"model {name!r} failed to load; GetModelStatus says why: fix or "
@@ -192,7 +197,12 @@ class ModelRepository:
             if version not in available:
                 if (name, version) in self._loading:
                     raise Unavailable(f"model {name!r} version {version} is still loading; retry")
-                if (name, version) in self._failed and version not in versions:
+                failed = self._failed.get((name, version))
+                if failed is not None and failed[0] is None and version not in versions:
+                    raise Unavailable(
+                        f"model {name!r} version {version} failed on the device; retry shortly"
+                    )
+                if failed is not None and version not in versions:
                     raise FailedPrecondition(
                         f"model {name!r} version {version} failed to load; GetModelStatus says "
                         f"why; available versions: {sorted(available)}"
@@ -253,10 +263,13 @@ class ModelRepository:
     def start(self, poll_seconds: float = 5.0) -> None:
         """Load everything in the background, then keep the directory in sync."""
 
+        self._poll_seconds = poll_seconds
+
         def loop() -> None:
             self.sync()
-            while self.root is not None and not self._stop.wait(poll_seconds):
-                self.sync()
+            while not self._stop.wait(poll_seconds):
+                if self.root is not None or self._device_failures():
+                    self.sync()
 
         self._poller = threading.Thread(target=loop, name="model-repository", daemon=True)
         self._poller.start()
@@ -364,6 +377,11 @@ class ModelRepository:
             error = error.replace(str(candidate.path), candidate.path.name)
         return _EXTRACTED.sub("", error)  # "stages/2-classifier/..." names the archive's member
 
+    def _device_failures(self) -> bool:
+        """Loads that failed on the device, not on their file: each poll tries them again."""
+        with self._lock:
+            return any(candidate is None for candidate, _ in self._failed.values())
+
     def _known_bad(self, name: str, version: int, candidate: Candidate) -> bool:
         """This very file failed before; it is retried only once it changes."""
         failed = self._failed.get((name, version))
@@ -381,10 +399,16 @@ class ModelRepository:
         try:
             model.load(self.device, warmup=self._warmup)
         except Exception as exc:  # any load failure: the version already serving stays
-            log.error("model %s version %d failed to load: %s", name, version, exc)
+            error = self._for_clients(str(exc))
+            # A board that faulted (still starting, reset) may work at the next poll; a bad
+            # file is retried only once it changes.
+            device_fault = isinstance(exc, Unavailable | DeviceFaultError | DeviceClosedError)
+            if device_fault:
+                error += f" (tried again every {self._poll_seconds:g} s)"
+            log.error("model %s version %d failed to load: %s", name, version, error)
             with self._lock:
                 del self._loading[(name, version)]
-                self._failed[(name, version)] = (candidate, self._for_clients(str(exc)))
+                self._failed[(name, version)] = (None if device_fault else candidate, error)
             return
         with self._lock:
             del self._loading[(name, version)]

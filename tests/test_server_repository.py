@@ -235,3 +235,22 @@ def test_health_is_not_serving_while_loading(archives, tmp_path):
 def test_bad_version_policies(text, message):
     with pytest.raises(ValueError, match=message):
         VersionPolicy.parse(text)
+
+
+# Found by review: a device fault during a version's warmup (a board still starting) marked
+# the version failed until its file changed, so it was never served, and "fix or replace its
+# archive" pointed at the wrong culprit.
+def test_a_device_fault_while_loading_is_tried_again(archive):
+    device = GatedDevice()
+    device.failing.set()
+    config = ServerConfig(archives=[archive], poll_seconds=0.2)
+    with running(config, device) as server, channel(server) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            served_version(ch)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # clients retry this
+        assert "failed on the device" in info.value.details()
+        state, error = statuses(ch)[1]
+        assert state == State.END and "the accelerator failed" in error
+        assert "tried again every 0.2 s" in error
+        device.failing.clear()  # the board is up
+        assert eventually(lambda: served_version(ch)) == 1
