@@ -126,7 +126,7 @@ class ModelRepository:
         self._loading: dict[tuple[str, int], ServedModel] = {}
         self._labels: dict[str, dict[str, int]] = {}
         self._fixed: dict[str, Candidate] = {}
-        self._duplicates: set[Path] = set()  # version folders already reported as ignored
+        self._reported: set[Path] = set()  # layout mistakes already logged
         for path in archives:
             name = check_model_name(str(read_manifest(path)["name"]))
             if name in self._fixed:
@@ -283,10 +283,22 @@ class ModelRepository:
         if self.root is None:
             return found
         for folder in sorted(self.root.iterdir()):
-            if not folder.is_dir() or not NAME.match(folder.name) or folder.name in found:
+            if folder.name.startswith("."):  # hidden, or a mounted ConfigMap's ..data links
+                continue
+            if not folder.is_dir():
+                if folder.suffix == ".zip":
+                    self._ignore(folder, f"archives go in <model name>/<version>/{ARCHIVE_FILE}")
+                continue
+            if not NAME.match(folder.name):
+                self._ignore(
+                    folder, "a model name is a letter or digit, then letters, digits, . _ -"
+                )
+                continue
+            if folder.name in found:
+                self._ignore(folder, "an archive named on the command line serves that model")
                 continue
             if not self._inside(folder):
-                log.warning("ignoring %s: it links outside the model repository", folder)
+                self._ignore(folder, "it links outside the model repository")
                 continue
             versions = {}
             # "1" before "01" before "001": when several folders name one version, the plainest
@@ -295,22 +307,24 @@ class ModelRepository:
                 archive = sub / ARCHIVE_FILE
                 if _version_folder(sub.name) and archive.is_file() and self._inside(archive):
                     if int(sub.name) in versions:
-                        self._report_duplicate(archive, versions[int(sub.name)].path)
+                        served = versions[int(sub.name)].path
+                        why = f"{served} has the same version number; remove or renumber one"
+                        self._ignore(archive, why)
                         continue
                     versions[int(sub.name)] = Candidate.of(archive)
             if versions:
                 found[folder.name] = versions
+            else:
+                where = f"{folder.name}/<number>/{ARCHIVE_FILE}"
+                self._ignore(folder, f"no version folder in it holds a model; expected {where}")
             self._read_labels(folder)
         return found
 
-    def _report_duplicate(self, ignored: Path, served: Path) -> None:
-        if ignored not in self._duplicates:
-            self._duplicates.add(ignored)
-            log.error(
-                "ignoring %s: %s has the same version number; remove or renumber one",
-                ignored,
-                served,
-            )
+    def _ignore(self, path: Path, why: str) -> None:
+        """A layout mistake, logged once however often the folder is scanned."""
+        if path not in self._reported:
+            self._reported.add(path)
+            log.error("ignoring %s: %s", path, why)
 
     def _inside(self, path: Path) -> bool:
         """Links are followed only while they stay inside the repository (as a mounted

@@ -129,6 +129,25 @@ def test_a_new_file_of_the_same_size_and_time_counts_as_changed(tmp_path):
     assert Candidate.of(target) != before
 
 
+# Found by review: these layout mistakes left the server NOT_SERVING without a log line.
+def test_layout_mistakes_are_logged_once_each(tmp_path, caplog):
+    root = tmp_path / "models"
+    place(root, "v1", b"a version folder is a number", name="named")
+    place(root, "1", b"not read by a scan", name="unversioned")
+    (root / "unversioned" / "1" / "model.zip").rename(root / "unversioned" / "model.zip")
+    (root / "loose.zip").write_bytes(b"")
+    (root / "README.md").write_text("notes")  # not a mistake
+    (root / "..data").mkdir()  # a mounted ConfigMap's: not a mistake
+    repository = ModelRepository(EmulatorDevice(), BatchingConfig(), root=root)
+    for _ in range(2):
+        assert repository.scan() == {}
+    logged = sorted(r.getMessage() for r in caplog.records if "ignoring" in r.getMessage())
+    assert len(logged) == 3, logged
+    assert f"{root / 'loose.zip'}: archives go in <model name>/<version>/model.zip" in logged[0]
+    assert "named: no version folder in it holds a model; expected named/<number>/" in logged[1]
+    assert "unversioned: no version folder" in logged[2]
+
+
 def test_folders_naming_the_same_version_serve_the_plainest_and_say_so(tmp_path, caplog):
     root = tmp_path / "models"
     for folder in ("001", "1", "01", "2"):
