@@ -173,8 +173,7 @@ class ModelRepository:
             if versions is None:
                 if any(known == name for known, _ in self._loading):
                     raise Unavailable(f"model {name!r} is still loading; retry shortly")
-                on_device = [n for (n, _), (file, _) in self._failed.items() if file is None]
-                if name in on_device:
+                if any(n == name and file is None for (n, _), (file, _) in self._failed.items()):
                     raise Unavailable(f"model {name!r} failed on the device; retry shortly")
                 if any(known == name for known, _ in self._failed):
                     raise FailedPrecondition(
@@ -261,8 +260,8 @@ class ModelRepository:
     # -- loading and reloading -------------------------------------------------------------
 
     def start(self, poll_seconds: float = 5.0) -> None:
-        """Load everything in the background, then keep the directory in sync."""
-
+        """Load everything in the background, then keep the directory in sync (and retry
+        loads that failed on the device, archives named on the command line included)."""
         self._poll_seconds = poll_seconds
 
         def loop() -> None:
