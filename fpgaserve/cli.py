@@ -173,12 +173,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     if args.tls_client_ca and not args.tls_cert:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    metrics_port = _number(args, "metrics-port")  # below 0: no metrics endpoint
     config = ServerConfig(
         archives=[Path(p) for p in args.archives],
         model_repository=Path(args.model_repository) if args.model_repository else None,
         host=args.host,
         port=_number(args, "port"),
-        metrics_port=None if _number(args, "metrics-port") < 0 else _number(args, "metrics-port"),
+        metrics_port=None if metrics_port < 0 else metrics_port,
         device=args.device,
         batching=BatchingConfig(
             max_batch_size=_number(args, "max-batch-size"),
